@@ -1,0 +1,188 @@
+"""Images in physical space and their input/output through SimpleITK."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .spatial import Grid, sample
+
+__all__ = ["Image", "ImageIOError", "read_image", "write_image", "resample"]
+
+# Unsigned types torch cannot compute with are widened on reading and restored on writing.
+_WIDEN = {np.dtype(np.uint16): np.dtype(np.int32), np.dtype(np.uint32): np.dtype(np.int64)}
+
+
+class ImageIOError(RuntimeError):
+    """An image could not be read or written; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Image:
+    """A batch of images ``data [N, C, *grid.shape]`` on one physical grid.
+
+    ``file_dtype`` remembers the pixel type an image was read with (for example ``uint16``,
+    which torch cannot compute with) so that writing it back keeps the type.
+    """
+
+    data: torch.Tensor
+    grid: Grid
+    file_dtype: str | None = None
+
+    def __post_init__(self):
+        d = self.grid.ndim
+        if not isinstance(self.data, torch.Tensor):
+            raise TypeError(f"Image data must be a torch.Tensor, got {type(self.data).__name__}")
+        if self.data.dim() != d + 2 or tuple(self.data.shape[2:]) != self.grid.shape:
+            raise ValueError(
+                f"image tensor of shape {tuple(self.data.shape)} does not fit a {d}D grid of "
+                f"shape {self.grid.shape}; expected [N, C, *{self.grid.shape}]"
+            )
+
+    @property
+    def ndim(self) -> int:
+        return self.grid.ndim
+
+    @property
+    def is_label(self) -> bool:
+        """Integer images are label maps: they are resampled with nearest neighbour."""
+        return not self.data.is_floating_point() and self.data.dtype != torch.bool
+
+    def to(self, *args, **kwargs) -> "Image":
+        return replace(self, data=self.data.to(*args, **kwargs))
+
+    # ----------------------------------------------------------------- SimpleITK
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Image":
+        array = sitk.GetArrayFromImage(image)  # [*shape] or [*shape, C]
+        grid = Grid.from_sitk(image)
+        file_dtype = None
+        if array.dtype in _WIDEN:
+            file_dtype = array.dtype.name
+            array = array.astype(_WIDEN[array.dtype])
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            array = np.moveaxis(array, -1, 0)
+        else:
+            array = array[None]
+        return cls(torch.from_numpy(np.ascontiguousarray(array))[None], grid, file_dtype)
+
+    def to_sitk(self, index: int = 0, dtype=None) -> sitk.Image:
+        """Element ``index`` of the batch as a SimpleITK image (vector image if C > 1)."""
+        array = self.data[index].detach().cpu().numpy()
+        dtype = np.dtype(dtype) if dtype is not None else None
+        if dtype is None and self.file_dtype is not None and self.is_label:
+            dtype = np.dtype(self.file_dtype)
+        if dtype is not None:
+            if np.issubdtype(dtype, np.integer) and array.size:
+                info = np.iinfo(dtype)
+                if array.min() < info.min or array.max() > info.max:
+                    raise ValueError(f"values do not fit {dtype.name}")
+            array = array.astype(dtype)
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        vector = array.shape[0] > 1
+        array = np.moveaxis(array, 0, -1) if vector else array[0]
+        out = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=vector)
+        self.grid.apply_to_sitk(out)
+        return out
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of an ITK exception (they span many lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        for key in ("Description:", "ERROR:"):
+            if key in ln:
+                return ln.split(key, 1)[1].strip()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _read_dicom_series(folder: Path, series: str | None) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    ids = reader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise ImageIOError(f"cannot read image {folder}: folder holds no DICOM series")
+    if series is None:
+        if len(ids) > 1:
+            raise ImageIOError(
+                f"cannot read image {folder}: folder holds {len(ids)} DICOM series "
+                f"({', '.join(ids)}); choose one with series="
+            )
+        series = ids[0]
+    elif series not in ids:
+        raise ImageIOError(f"cannot read image {folder}: no DICOM series {series!r} there")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series))
+    return reader.Execute()
+
+
+def read_image(path: str | os.PathLike, *, series: str | None = None) -> Image:
+    """Read any image SimpleITK reads (NIfTI, NRRD, MetaImage, ...) or a DICOM series folder.
+
+    The result has batch size 1; vector pixels become channels; integer types stay integer.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageIOError(f"cannot read image {path}: no such file or folder")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path, series)
+        else:
+            image = sitk.ReadImage(str(path))
+    except ImageIOError:
+        raise
+    except RuntimeError as exc:
+        raise ImageIOError(f"cannot read image {path}: {_reason(exc)}") from None
+    if image.GetDimension() not in (2, 3):
+        raise ImageIOError(
+            f"cannot read image {path}: {image.GetDimension()}D images are not supported (2D or 3D)"
+        )
+    return Image.from_sitk(image)
+
+
+def write_image(image: Image, path: str | os.PathLike, *, dtype=None, compress: bool = True) -> None:
+    """Write a single image (batch size 1) in the format the file name's extension implies."""
+    path = Path(path)
+    if image.data.shape[0] != 1:
+        raise ValueError(
+            f"cannot write image {path}: it holds a batch of {image.data.shape[0]}; "
+            "write one element at a time (Image(data[i:i+1], grid))"
+        )
+    try:
+        sitk.WriteImage(image.to_sitk(0, dtype), str(path), compress)
+    except (RuntimeError, ValueError) as exc:
+        raise ImageIOError(f"cannot write image {path}: {_reason(exc)}") from None
+
+
+def resample(
+    image: Image,
+    reference: Grid | Image,
+    transform=None,
+    *,
+    interpolation: str | None = None,
+    outside: float = 0.0,
+) -> Image:
+    """Resample ``image`` onto ``reference`` through ``transform`` (reference -> image points).
+
+    ``interpolation`` defaults to ``"nearest"`` for label (integer) images and ``"linear"``
+    otherwise; ``"bspline"`` is cubic B-spline interpolation. Points that map outside the image
+    get ``outside``. A batched transform with a single image gives one result per transform.
+    """
+    grid = reference.grid if isinstance(reference, Image) else reference
+    if grid.ndim != image.ndim:
+        raise ValueError(f"cannot resample a {image.ndim}D image onto a {grid.ndim}D grid")
+    if interpolation is None:
+        interpolation = "nearest" if image.is_label else "linear"
+    dtype = image.data.dtype if image.data.is_floating_point() else torch.get_default_dtype()
+    points = grid.points(dtype=dtype, device=image.data.device)
+    if transform is not None:
+        if transform.ndim != image.ndim:
+            raise ValueError(f"a {transform.ndim}D transform cannot warp a {image.ndim}D image")
+        points = transform(points)
+    data = sample(image.data, image.grid, points, interpolation, outside)
+    file_dtype = image.file_dtype if interpolation == "nearest" else None
+    return Image(data, grid, file_dtype)

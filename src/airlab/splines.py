@@ -1,0 +1,137 @@
+"""Uniform cubic B-splines: basis weights, the interpolating prefilter and evaluation.
+
+Shared by cubic B-spline image interpolation (:func:`bspline_interpolate`, which matches ITK's
+``BSplineInterpolateImageFunction`` of order 3 with its mirror boundary) and the B-spline
+free-form deformation (:class:`airlab.transforms.BSplineTransform`, whose coefficients are used
+directly, as ITK's ``BSplineTransform`` does).
+
+Everything here works on continuous indices in ITK axis order (component ``a`` indexes tensor
+axis ``-1 - a``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+_POLE = math.sqrt(3.0) - 2.0
+
+
+def cubic_weights(t: torch.Tensor) -> torch.Tensor:
+    """Weights ``[..., 4]`` of the four knots ``floor(u) - 1 .. floor(u) + 2`` for ``t = u - floor(u)``."""
+    t2, t3 = t * t, t * t * t
+    return torch.stack(
+        (
+            (1 - t) ** 3 / 6,
+            (3 * t3 - 6 * t2 + 4) / 6,
+            (-3 * t3 + 3 * t2 + 3 * t + 1) / 6,
+            t3 / 6,
+        ),
+        dim=-1,
+    )
+
+
+def mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Whole-sample mirror boundary (``x[-k] = x[k]``, ``x[n-1+k] = x[n-1-k]``), any distance."""
+    if n == 1:
+        return torch.zeros_like(index)
+    period = 2 * (n - 1)
+    m = torch.remainder(index, period)
+    return torch.where(m >= n, period - m, m)
+
+
+def _map_index(index: torch.Tensor, n: int, boundary: str) -> torch.Tensor:
+    if boundary == "mirror":
+        return mirror_index(index, n)
+    return index.clamp(0, n - 1)
+
+
+def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "mirror") -> torch.Tensor:
+    """Evaluate a cubic B-spline with ``coefficients [N, C, *S]`` at continuous ``index [N, P, D]``.
+
+    ``boundary`` is ``"mirror"`` (ITK's interpolator) or ``"clamp"`` (knots outside the
+    coefficient grid reuse the nearest one; callers mask such points themselves).
+    Returns ``[N, C, P]``; differentiable with respect to both arguments.
+    """
+    n, p, d = index.shape
+    c = coefficients.shape[1]
+    sizes = list(reversed(coefficients.shape[2:]))  # ITK order
+    floor = torch.floor(index)
+    weights = cubic_weights(index - floor)  # [N, P, D, 4]
+    base = floor.long() - 1
+    knots = [
+        [_map_index(base[..., a] + k, sizes[a], boundary) for k in range(4)] for a in range(d)
+    ]
+    strides = [math.prod(sizes[:a]) for a in range(d)]
+    values = coefficients.reshape(n, c, -1)
+    out = coefficients.new_zeros(n, c, p)
+    for combo in itertools.product(range(4), repeat=d):
+        flat = sum(knots[a][k] * strides[a] for a, k in enumerate(combo))
+        w = math.prod(weights[..., a, k] for a, k in enumerate(combo))
+        out = out + w.unsqueeze(1) * torch.gather(values, 2, flat.unsqueeze(1).expand(n, c, p))
+    return out
+
+
+def axis_weights(positions: torch.Tensor, n: int, boundary: str = "clamp", valid=None) -> torch.Tensor:
+    """Dense ``[len(positions), n]`` matrix of cubic B-spline weights along one axis.
+
+    Row ``j`` holds the weights of the knots that contribute at continuous index
+    ``positions[j]``; rows where ``valid`` is false are zero. Evaluating a tensor-product
+    spline on a grid aligned with its knots is then one small matrix product per axis.
+    """
+    floor = torch.floor(positions)
+    w = cubic_weights(positions - floor)
+    if valid is not None:
+        w = w * valid.unsqueeze(-1).to(w.dtype)
+    base = floor.long() - 1
+    cols = torch.stack([_map_index(base + k, n, boundary) for k in range(4)], dim=-1)
+    rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(-1).expand_as(cols)
+    out = positions.new_zeros(positions.shape[0], n)
+    return out.index_put((rows.reshape(-1), cols.reshape(-1)), w.reshape(-1), accumulate=True)
+
+
+def apply_axis_weights(coefficients: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Contract ``coefficients [N, C, *S]`` with one weight matrix per axis (ITK order)."""
+    out = coefficients
+    d = len(matrices)
+    for a, m in enumerate(matrices):
+        axis = out.dim() - 1 - a
+        out = torch.movedim(torch.movedim(out, axis, -1) @ m.T, -1, axis)
+    assert out.dim() == d + 2
+    return out
+
+
+def prefilter(data: torch.Tensor) -> torch.Tensor:
+    """Interpolating cubic B-spline coefficients of ``data [N, C, *S]`` (mirror boundary).
+
+    The recursive filter of Unser et al. is applied as its exact, symmetric impulse response
+    truncated where the pole's powers fall below the dtype's resolution; that keeps it a
+    convolution (fast, batched, differentiable, any device) instead of a sequential recursion.
+    """
+    if not data.is_floating_point():
+        data = data.float()
+    eps = torch.finfo(data.dtype).eps
+    half = int(math.ceil(math.log(eps * 0.1) / math.log(abs(_POLE))))
+    k = torch.arange(-half, half + 1, dtype=data.dtype, device=data.device)
+    kernel = (-6 * _POLE / (1 - _POLE**2)) * torch.as_tensor(_POLE, dtype=data.dtype) ** k.abs()
+    kernel = kernel.view(1, 1, -1)
+    out = data
+    for axis in range(2, data.dim()):
+        n = out.shape[axis]
+        if n == 1:
+            continue
+        moved = torch.movedim(out, axis, -1)
+        shape = moved.shape
+        idx = mirror_index(torch.arange(-half, n + half, device=data.device), n)
+        padded = moved.reshape(-1, 1, n)[..., idx]
+        filtered = F.conv1d(padded, kernel).reshape(shape)
+        out = torch.movedim(filtered, -1, axis)
+    return out
+
+
+def bspline_interpolate(data: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline interpolation of ``data [N, C, *S]`` at continuous ``index [N, P, D]``."""
+    return evaluate(prefilter(data), index, boundary="mirror")

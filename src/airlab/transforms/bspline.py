@@ -1,0 +1,98 @@
+"""Cubic B-spline free-form deformation (ITK's BSplineTransform of order 3)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import splines
+from ..spatial import Grid
+from .base import Transform
+
+__all__ = ["BSplineTransform", "control_grid"]
+
+
+def control_grid(domain: Grid, control_spacing: float | Sequence[float]) -> Grid:
+    """Control-point grid over ``domain`` with exactly ``control_spacing`` mm between knots.
+
+    The knots share the domain's direction; the mesh covers the domain's extent (voxel centre to
+    voxel centre) and is centred on it; one extra knot on each side completes the cubic support.
+    """
+    spacing = np.broadcast_to(np.asarray(control_spacing, dtype=float), (domain.ndim,))
+    if (spacing <= 0).any():
+        raise ValueError(f"control-point spacing must be positive, got {tuple(spacing)}")
+    mesh = np.maximum(np.ceil(domain.extent() / spacing - 1e-9).astype(int), 1)
+    size = mesh + 3
+    origin = domain.center() - domain.direction_matrix @ (spacing * (size - 1) / 2.0)
+    return Grid(size, spacing, origin, domain.direction)
+
+
+class BSplineTransform(Transform):
+    """``y = x + sum_k B3(u - k) c_k``: displacement coefficients ``[N, D, *control.shape]`` (mm).
+
+    ``u`` is the continuous index of ``x`` in the control grid. As in ITK, points outside the
+    region the control grid supports (more than the mesh) are not moved.
+    """
+
+    def __init__(self, domain: Grid, control_spacing, batch_size: int = 1, dtype=None):
+        self._init(control_grid(domain, control_spacing), batch_size, None, dtype)
+
+    @classmethod
+    def from_control_grid(cls, control: Grid, coefficients=None, batch_size: int | None = None, dtype=None):
+        """Build from an explicit control grid (for example one read from an ITK file)."""
+        self = cls.__new__(cls)
+        if coefficients is not None:
+            coefficients = torch.as_tensor(coefficients, dtype=dtype)
+            batch_size = batch_size or coefficients.shape[0]
+        self._init(control, batch_size or 1, coefficients, dtype)
+        return self
+
+    def _init(self, control: Grid, batch_size, coefficients, dtype):
+        Transform.__init__(self, control.ndim, batch_size)
+        if any(s < 4 for s in control.size):
+            raise ValueError(f"a cubic B-spline needs at least 4 control points per axis, got {control.size}")
+        self.control = control
+        shape = (batch_size, control.ndim, *control.shape)
+        if coefficients is None:
+            coefficients = torch.zeros(shape, dtype=dtype or torch.get_default_dtype())
+        if tuple(coefficients.shape) != shape:
+            raise ValueError(f"coefficients of shape {tuple(coefficients.shape)} do not fit {shape}")
+        self.coefficients = nn.Parameter(coefficients.detach().clone())
+
+    def _valid(self, index: torch.Tensor) -> torch.Tensor:
+        # ITK's InsideValidRegion for odd order: 1 <= u < size - 2 on every axis
+        hi = torch.as_tensor([s - 2 for s in self.control.size], dtype=index.dtype, device=index.device)
+        return ((index >= 1) & (index < hi)).all(-1)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        points = self._check_points(points)
+        c = self.coefficients
+        n = max(points.shape[0], self.batch_size)
+        flat = points.reshape(points.shape[0], -1, self.ndim).to(c.dtype).expand(n, -1, -1)
+        index = self.control.physical_to_index(flat)
+        disp = splines.evaluate(c.expand(n, *c.shape[1:]), index, boundary="clamp")
+        disp = disp * self._valid(index).unsqueeze(1).to(disp.dtype)
+        return (flat + disp.transpose(1, 2)).reshape(n, *points.shape[1:])
+
+    def displacement(self, grid: Grid) -> torch.Tensor:
+        """Dense displacement on ``grid``; separable (one small matmul per axis) when the grid
+        shares the control grid's direction, as the fixed image grid does."""
+        if not np.allclose(grid.direction, self.control.direction, atol=1e-9):
+            return super().displacement(grid)
+        c = self.coefficients
+        # continuous control index of each grid voxel, axis by axis
+        to_index = self.control.physical_to_index_matrix() @ grid.index_to_physical_matrix()
+        matrices = []
+        for a in range(self.ndim):
+            j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
+            u = to_index[a, a] * j + to_index[a, self.ndim]
+            valid = (u >= 1) & (u < self.control.size[a] - 2)
+            matrices.append(splines.axis_weights(u, self.control.size[a], "clamp", valid))
+        return splines.apply_axis_weights(c, matrices)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, control={self.control}"
