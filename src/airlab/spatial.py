@@ -233,12 +233,19 @@ def _flatten_points(points: torch.Tensor):
     return points.reshape(n, -1, d), middle
 
 
-def _sample_linear(data, grid: Grid, index):
-    """Trilinear/bilinear sampling at continuous indices ``[N, P, D]`` with border clamping."""
+def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "border") -> torch.Tensor:
+    """Linear interpolation of ``data [N, C, *S]`` at continuous indices ``index [N, P, D]``.
+
+    ``boundary`` extends the data beyond its outermost voxel centres: ``"border"`` repeats the
+    edge value, ``"mirror"`` reflects about the edge voxel centre (``x[-k] = x[k]``).
+    Returns ``[N, C, P]``.
+    """
     n, p, d = index.shape
-    norm = grid.index_to_normalized(index)
+    size = tuple(reversed(data.shape[2:]))
+    norm = Grid(size).index_to_normalized(index)
     norm = norm.reshape(n, *([1] * (d - 1)), p, d)
-    out = F.grid_sample(data, norm, mode="bilinear", padding_mode="border", align_corners=True)
+    padding = {"border": "border", "mirror": "reflection"}[boundary]
+    out = F.grid_sample(data, norm, mode="bilinear", padding_mode=padding, align_corners=True)
     return out.reshape(n, data.shape[1], p)
 
 
@@ -296,7 +303,7 @@ def sample(
         flat = flat.to(data.dtype)
     index = grid.physical_to_index(flat)
     if interpolation == "linear":
-        out = _sample_linear(data, grid, index)
+        out = sample_index(data, index, "border")
     elif interpolation == "nearest":
         out = _sample_nearest(data, grid, index)
     else:

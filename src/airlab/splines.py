@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .spatial import sample_index
+
 _POLE = math.sqrt(3.0) - 2.0
 
 
@@ -46,36 +48,36 @@ def mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
 def _map_index(index: torch.Tensor, n: int, boundary: str) -> torch.Tensor:
     if boundary == "mirror":
         return mirror_index(index, n)
-    return index.clamp(0, n - 1)
+    return index.clamp(0, n - 1)  # "border"
 
 
 def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "mirror") -> torch.Tensor:
     """Evaluate a cubic B-spline with ``coefficients [N, C, *S]`` at continuous ``index [N, P, D]``.
 
-    ``boundary`` is ``"mirror"`` (ITK's interpolator) or ``"clamp"`` (knots outside the
-    coefficient grid reuse the nearest one; callers mask such points themselves).
-    Returns ``[N, C, P]``; differentiable with respect to both arguments.
+    ``boundary`` is ``"mirror"`` (ITK's interpolator) or ``"border"`` (knots beyond the grid
+    repeat the edge knot; callers mask such points themselves). Returns ``[N, C, P]``;
+    differentiable with respect to both arguments.
+
+    The B-spline weights are positive, so along each axis the four knots pair into two linear
+    fetches at shifted positions (Sigg & Hadwiger, GPU Gems 2, ch. 20): ``2**D`` calls of
+    ``grid_sample`` instead of ``4**D`` gathers, and the result is the same spline exactly.
     """
-    n, p, d = index.shape
-    c = coefficients.shape[1]
-    sizes = list(reversed(coefficients.shape[2:]))  # ITK order
     floor = torch.floor(index)
-    weights = cubic_weights(index - floor)  # [N, P, D, 4]
-    base = floor.long() - 1
-    knots = [
-        [_map_index(base[..., a] + k, sizes[a], boundary) for k in range(4)] for a in range(d)
-    ]
-    strides = [math.prod(sizes[:a]) for a in range(d)]
-    values = coefficients.reshape(n, c, -1)
-    out = coefficients.new_zeros(n, c, p)
-    for combo in itertools.product(range(4), repeat=d):
-        flat = sum(knots[a][k] * strides[a] for a, k in enumerate(combo))
-        w = math.prod(weights[..., a, k] for a, k in enumerate(combo))
-        out = out + w.unsqueeze(1) * torch.gather(values, 2, flat.unsqueeze(1).expand(n, c, p))
+    w = cubic_weights(index - floor)  # [N, P, D, 4]
+    g0, g1 = w[..., 0] + w[..., 1], w[..., 2] + w[..., 3]
+    positions = (floor - 1 + w[..., 1] / g0, floor + 1 + w[..., 3] / g1)
+    weights = (g0, g1)
+    d = index.shape[-1]
+    out = None
+    for combo in itertools.product((0, 1), repeat=d):
+        pos = torch.stack([positions[k][..., a] for a, k in enumerate(combo)], dim=-1)
+        weight = math.prod(weights[k][..., a] for a, k in enumerate(combo))
+        term = weight.unsqueeze(1) * sample_index(coefficients, pos, boundary)
+        out = term if out is None else out + term
     return out
 
 
-def axis_weights(positions: torch.Tensor, n: int, boundary: str = "clamp", valid=None) -> torch.Tensor:
+def axis_weights(positions: torch.Tensor, n: int, boundary: str = "border", valid=None) -> torch.Tensor:
     """Dense ``[len(positions), n]`` matrix of cubic B-spline weights along one axis.
 
     Row ``j`` holds the weights of the knots that contribute at continuous index

@@ -74,7 +74,7 @@ class BSplineTransform(Transform):
         n = max(points.shape[0], self.batch_size)
         flat = points.reshape(points.shape[0], -1, self.ndim).to(c.dtype).expand(n, -1, -1)
         index = self.control.physical_to_index(flat)
-        disp = splines.evaluate(c.expand(n, *c.shape[1:]), index, boundary="clamp")
+        disp = splines.evaluate(c.expand(n, *c.shape[1:]), index, boundary="border")
         disp = disp * self._valid(index).unsqueeze(1).to(disp.dtype)
         return (flat + disp.transpose(1, 2)).reshape(n, *points.shape[1:])
 
@@ -91,7 +91,7 @@ class BSplineTransform(Transform):
             j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
             u = to_index[a, a] * j + to_index[a, self.ndim]
             valid = (u >= 1) & (u < self.control.size[a] - 2)
-            matrices.append(splines.axis_weights(u, self.control.size[a], "clamp", valid))
+            matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
         return splines.apply_axis_weights(c, matrices)
 
     def extra_repr(self) -> str:

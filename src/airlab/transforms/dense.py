@@ -31,22 +31,30 @@ def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch
     return torch.movedim(values, 1, -1)
 
 
+def _sample_extended(field: torch.Tensor, grid: Grid, displacement: torch.Tensor) -> torch.Tensor:
+    """``field`` at ``x + displacement(x)`` for every ``x`` of ``grid``, both ``[N, D, *shape]``.
+
+    Beyond the grid the field keeps its border value: composing fields on their own grid must
+    not tear at the boundary (that would fold), unlike evaluating the final transform.
+    """
+    points = grid.points(dtype=field.dtype, device=field.device)
+    return sample(field, grid, points + torch.movedim(displacement, 1, -1), "linear", outside=None)
+
+
 def compose_displacements(first: torch.Tensor, second: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Displacement of ``x -> x + first(x) + second(x + first(x))`` on ``grid``."""
-    points = grid.points(dtype=first.dtype, device=first.device)
-    moved = points + torch.movedim(first, 1, -1)
-    return first + torch.movedim(sample_field(second, grid, moved), -1, 1)
+    return first + _sample_extended(second, grid, first)
 
 
 def invert_displacement(field: torch.Tensor, grid: Grid, iterations: int = 100, tolerance: float = 1e-4):
     """Fixed-point inverse ``w(x) = -u(x + w(x))`` of a displacement ``u`` on ``grid``.
 
     Returns ``(w, residual)`` where ``residual [N]`` is the largest ``|w(x) + u(x + w(x))|`` in mm
-    over the grid: how far ``T(T^-1(x))`` lands from ``x``. It converges where ``u`` is invertible
+    over the grid (the field extended by its border values): how far ``T(T^-1(x))`` lands from
+    ``x``. It converges where ``u`` is invertible
     (no folding); the residual says how well it did.
     """
-    points = grid.points(dtype=field.dtype, device=field.device)
-    u = lambda w: torch.movedim(sample_field(field, grid, points + torch.movedim(w, 1, -1)), -1, 1)  # noqa: E731
+    u = lambda w: _sample_extended(field, grid, w)  # noqa: E731
     w = -field
     for _ in range(iterations):
         w_next = -u(w)

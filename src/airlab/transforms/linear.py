@@ -21,6 +21,8 @@ __all__ = [
 
 def _batched(value, batch_size: int, shape: tuple[int, ...], name: str, dtype) -> torch.Tensor:
     """Accept a value for one transform (``shape``) or for the batch (``[N, *shape]``)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and dtype is None:
+        dtype = value.dtype
     t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
     t = t.to(dtype if dtype is not None else torch.get_default_dtype())
     if tuple(t.shape) == shape:

@@ -1,0 +1,115 @@
+"""Shared fixtures: oblique anisotropic grids, smooth images, transforms of every kind."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from airlab import Grid, Image
+from airlab.transforms import (
+    Affine,
+    BSplineTransform,
+    Composite,
+    DisplacementField,
+    Rigid,
+    Similarity,
+    StationaryVelocityField,
+    Translation,
+)
+
+KINDS = ("translation", "rigid", "similarity", "affine", "bspline", "displacement", "velocity", "composite")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def random_rotation(d: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(d, d)))
+    q = q @ np.diag(np.sign(np.diag(r)))
+    if np.linalg.det(q) < 0:  # proper rotation, like a scanner's direction cosines
+        q[:, 0] *= -1
+    return q
+
+
+def oblique_grid(d: int, rng: np.random.Generator, size=None) -> Grid:
+    """Anisotropic spacing, non-zero origin, random direction cosines."""
+    size = size or ((17, 15, 13)[:d] if d == 3 else (23, 19))
+    spacing = rng.uniform(0.7, 2.2, size=d)
+    origin = rng.uniform(-30, 30, size=d)
+    return Grid(size, spacing, origin, random_rotation(d, rng).ravel())
+
+
+def overlapping_grid(moving: Grid, rng: np.random.Generator, size=None) -> Grid:
+    """Another oblique grid centred inside ``moving`` and smaller than it."""
+    d = moving.ndim
+    size = size or ((14, 12, 11)[:d] if d == 3 else (18, 16))
+    spacing = rng.uniform(0.8, 1.6, size=d)
+    direction = random_rotation(d, rng)
+    extent = (np.asarray(size) - 1) * spacing
+    origin = moving.center() - direction @ (extent / 2)
+    return Grid(size, spacing, origin, direction.ravel())
+
+
+def smooth_image(grid: Grid, rng: np.random.Generator, channels: int = 1, sigma: float = 1.5) -> torch.Tensor:
+    arr = rng.normal(size=(channels, *grid.shape))
+    arr = np.stack([ndimage.gaussian_filter(a, sigma) for a in arr])
+    arr = (arr - arr.min()) / (arr.max() - arr.min()) * 100.0
+    return torch.as_tensor(arr)[None]
+
+
+def smooth_field(grid: Grid, rng: np.random.Generator, batch: int, magnitude: float, sigma: float = 3.0):
+    """Random smooth vector field ``[batch, D, *shape]`` whose largest vector is ``magnitude`` mm."""
+    d = grid.ndim
+    arr = rng.normal(size=(batch, d, *grid.shape))
+    arr = ndimage.gaussian_filter(arr, sigma=(0, 0) + (sigma,) * d, mode="nearest")
+    arr *= magnitude / np.linalg.norm(arr, axis=1).max()
+    return torch.as_tensor(arr)
+
+
+def make_transform(kind: str, domain: Grid, rng: np.random.Generator, batch: int = 1, dtype=torch.float64):
+    """A transform of ``kind`` with random, moderate parameters, defined over ``domain``."""
+    d = domain.ndim
+    nrot = 1 if d == 2 else 3
+    center = domain.center() + rng.normal(size=d)
+
+    def vec(k, scale):
+        return rng.normal(size=(batch, k)) * scale
+
+    if kind == "translation":
+        return Translation(d, batch, translation=vec(d, 2.0), dtype=dtype)
+    if kind == "rigid":
+        return Rigid(d, batch, rotation=vec(nrot, 0.15), translation=vec(d, 2.0), center=center, dtype=dtype)
+    if kind == "similarity":
+        scale = np.exp(rng.normal(size=(batch, 1)) * 0.05)
+        return Similarity(d, batch, vec(nrot, 0.15), vec(d, 2.0), scale, center=center, dtype=dtype)
+    if kind == "affine":
+        m = np.eye(d) + rng.normal(size=(batch, d, d)) * 0.06
+        return Affine(d, batch, matrix=m, translation=vec(d, 2.0), center=center, dtype=dtype)
+    if kind == "bspline":
+        t = BSplineTransform(domain, control_spacing=np.asarray(domain.spacing) * 4, batch_size=batch, dtype=dtype)
+        with torch.no_grad():
+            t.coefficients.copy_(torch.as_tensor(rng.normal(size=t.coefficients.shape) * 1.5))
+        return t
+    if kind == "displacement":
+        return DisplacementField(domain, batch, smooth_field(domain, rng, batch, 2.5), dtype=dtype)
+    if kind == "velocity":
+        return StationaryVelocityField(domain, batch, smooth_field(domain, rng, batch, 2.5), dtype=dtype)
+    if kind == "composite":
+        return Composite(
+            make_transform("bspline", domain, rng, batch, dtype), make_transform("affine", domain, rng, batch, dtype)
+        )
+    raise ValueError(kind)
+
+
+def to_sitk_image(data: torch.Tensor, grid: Grid) -> sitk.Image:
+    return Image(data, grid).to_sitk()
+
+
+@pytest.fixture
+def rng(request):
+    # a stable seed per test so failures reproduce
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,164 @@
+"""Grid geometry and sampling against SimpleITK."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from airlab import Grid, Image, resample, sample
+from airlab.splines import bspline_interpolate, prefilter
+
+from conftest import DEVICES, oblique_grid, overlapping_grid, smooth_image
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_index_physical_match_sitk(d, rng):
+    grid = oblique_grid(d, rng)
+    image = sitk.Image(grid.size, sitk.sitkFloat32)
+    grid.apply_to_sitk(image)
+    idx = rng.uniform(-2, 20, size=(40, d))
+    ours = grid.index_to_physical(torch.as_tensor(idx)).numpy()
+    theirs = np.array([image.TransformContinuousIndexToPhysicalPoint(i) for i in idx.tolist()])
+    assert np.abs(ours - theirs).max() < 1e-10
+    back = grid.physical_to_index(torch.as_tensor(theirs)).numpy()
+    assert np.abs(back - idx).max() < 1e-10
+    assert Grid.from_sitk(image) == grid
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_normalized_corners(d, rng):
+    grid = oblique_grid(d, rng)
+    corners = torch.as_tensor([[0.0] * d, [s - 1.0 for s in grid.size]], dtype=torch.float64)
+    norm = grid.physical_to_normalized(grid.index_to_physical(corners))
+    assert torch.allclose(norm, torch.tensor([[-1.0] * d, [1.0] * d], dtype=torch.float64))
+
+
+def test_points_layout(rng):
+    grid = Grid((4, 3, 2), (1.0, 2.0, 3.0), (10.0, 20.0, 30.0))
+    pts = grid.points(torch.float64)
+    assert pts.shape == (1, 2, 3, 4, 3)  # tensor order (z, y, x), components (x, y, z)
+    assert pts[0, 1, 2, 3].tolist() == [13.0, 24.0, 33.0]
+
+
+def test_grid_validation():
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        Grid((3, 3), (1.0, 0.0))
+    with pytest.raises(ValueError, match="singular"):
+        Grid((3, 3), (1.0, 1.0), (0, 0), (1, 0, 1, 0))
+    with pytest.raises(ValueError, match="2D and 3D"):
+        Grid((3, 3, 3, 3))
+    with pytest.raises(ValueError, match="inconsistent"):
+        Grid((3, 3), (1.0, 1.0, 1.0))
+
+
+def test_with_spacing_keeps_the_centre(rng):
+    grid = oblique_grid(3, rng)
+    coarse = grid.with_spacing(4.0)
+    assert np.allclose(coarse.center(), grid.center())
+    assert coarse.spacing == (4.0, 4.0, 4.0) and coarse.direction == grid.direction
+
+
+@pytest.mark.parametrize("outside", [0.0, -3.5])
+@pytest.mark.parametrize("interpolation", ["linear", "nearest", "bspline"])
+def test_identity_resample_matches_sitk_everywhere(interpolation, outside, rng):
+    """Without a transform the match is exact up to the border, outside value included."""
+    moving = oblique_grid(3, rng)
+    fixed = overlapping_grid(moving, rng, size=(20, 18, 16))
+    data = smooth_image(moving, rng)
+    ours = resample(Image(data, moving), fixed, interpolation=interpolation, outside=outside).data[0, 0]
+    ref = sitk.Image(fixed.size, sitk.sitkFloat64)
+    fixed.apply_to_sitk(ref)
+    interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+    theirs = sitk.Resample(Image(data, moving).to_sitk(), ref, sitk.Transform(), interp[interpolation], outside)
+    assert np.abs(ours.numpy() - sitk.GetArrayFromImage(theirs)).max() < 1e-8
+    assert (ours == outside).any()  # the fixed grid reaches outside the moving image
+
+
+def test_multichannel_and_labels(rng):
+    grid = oblique_grid(2, rng)
+    labels = torch.as_tensor(rng.integers(0, 5, size=(1, 1, *grid.shape)), dtype=torch.int16)
+    out = resample(Image(labels, grid), overlapping_grid(grid, rng))
+    assert out.data.dtype == torch.int16
+    assert set(out.data.unique().tolist()) <= set(range(5))
+    rgb = smooth_image(grid, rng, channels=3)
+    out = resample(Image(rgb, grid), grid)
+    assert torch.allclose(out.data, rgb, atol=1e-10)
+
+
+def test_bspline_prefilter_interpolates(rng):
+    data = torch.as_tensor(rng.normal(size=(2, 3, 9, 7, 5)))
+    coeffs = prefilter(data)
+    kernel = torch.tensor([1 / 6, 4 / 6, 1 / 6], dtype=torch.float64)
+    # re-apply the B-spline kernel with mirror boundary along every axis
+    out = coeffs
+    for axis in (2, 3, 4):
+        n = out.shape[axis]
+        padded = torch.cat([out.narrow(axis, 1, 1), out, out.narrow(axis, n - 2, 1)], dim=axis)
+        out = sum(kernel[k] * padded.narrow(axis, k, n) for k in range(3))
+    assert torch.allclose(out, data, atol=1e-12)
+    # and evaluation at integer indices returns the samples
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (5, 7, 9)], indexing="ij"), -1)
+    vals = bspline_interpolate(data, idx.reshape(1, -1, 3).expand(2, -1, -1))
+    assert torch.allclose(vals, data.permute(0, 1, 4, 3, 2).reshape(2, 3, -1), atol=1e-10)
+
+
+def test_gradcheck_sample_wrt_points(rng):
+    grid = oblique_grid(3, rng, size=(5, 4, 6))
+    data = smooth_image(grid, rng, channels=2, sigma=0.8)
+    idx = torch.as_tensor(rng.uniform(0.5, np.asarray(grid.size) - 1.5, size=(1, 6, 3)))
+    pts = grid.index_to_physical(idx).requires_grad_(True)
+    for interpolation in ("linear", "bspline"):
+        assert torch.autograd.gradcheck(lambda p: sample(data, grid, p, interpolation), (pts,))
+
+
+def test_gradcheck_sample_wrt_image(rng):
+    grid = Grid((5, 4), (1.3, 0.7))
+    data = torch.as_tensor(rng.normal(size=(1, 1, 4, 5))).requires_grad_(True)
+    pts = grid.index_to_physical(torch.as_tensor(rng.uniform(0, 3, size=(1, 7, 2))))
+    for interpolation in ("linear", "bspline"):
+        assert torch.autograd.gradcheck(lambda x: sample(x, grid, pts, interpolation), (data,))
+
+
+def test_sample_errors(rng):
+    grid = Grid((5, 4), (1.0, 1.0))
+    with pytest.raises(ValueError, match="does not match"):
+        sample(torch.zeros(1, 1, 5, 4), grid, torch.zeros(1, 3, 2))
+    with pytest.raises(ValueError, match="components"):
+        sample(torch.zeros(1, 1, 4, 5), grid, torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="interpolation"):
+        sample(torch.zeros(1, 1, 4, 5), grid, torch.zeros(1, 3, 2), "cubic")
+    with pytest.raises(ValueError, match="batch"):
+        sample(torch.zeros(2, 1, 4, 5), grid, torch.zeros(3, 3, 2))
+    with pytest.raises(ValueError, match="3D image onto a 2D grid"):
+        resample(Image(torch.zeros(1, 1, 2, 3, 4), Grid((4, 3, 2))), grid)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_transparent(device, rng):
+    from airlab.transforms import BSplineTransform, Composite, Rigid, StationaryVelocityField
+
+    grid = oblique_grid(3, rng)
+    image = Image(smooth_image(grid, rng).float(), grid)
+    t = Composite(
+        BSplineTransform(grid, 8.0),
+        StationaryVelocityField(grid),
+        Rigid(3, rotation=[0.1, 0, 0], center=grid.center()),
+    )
+    cpu = resample(image, grid, t, interpolation="bspline").data
+    dev = resample(image.to(device), grid, t.to(device), interpolation="bspline").data
+    assert dev.device.type == device
+    assert torch.allclose(dev.cpu(), cpu, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gradients_match_cpu(rng):
+    from airlab.transforms import Affine
+
+    grid = oblique_grid(3, rng)
+    image = Image(smooth_image(grid, rng).float(), grid)
+    grads = []
+    for device in ("cpu", "cuda"):
+        t = Affine(3, center=grid.center()).to(device)
+        resample(image.to(device), grid, t).data.square().mean().backward()
+        grads.append(t.linear.grad.cpu())
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4)
