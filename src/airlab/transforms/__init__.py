@@ -14,7 +14,7 @@ from .itkio import (
     write_transform,
 )
 from .linear import Affine, LinearTransform, Rigid, Similarity, Translation, rotation_matrix
-from .velocity import StationaryVelocityField, exponential
+from .velocity import BSplineVelocityField, StationaryVelocityField, exponential
 
 __all__ = [
     "Transform",
@@ -29,6 +29,7 @@ __all__ = [
     "DisplacementField",
     "invert_displacement",
     "StationaryVelocityField",
+    "BSplineVelocityField",
     "exponential",
     "Composite",
     "to_sitk",

@@ -94,5 +94,29 @@ class BSplineTransform(Transform):
             matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
         return splines.apply_axis_weights(c, matrices)
 
+    @torch.no_grad()
+    def refine(self) -> None:
+        """Halve the control-point spacing in place; the deformation stays exactly the same.
+
+        Uniform cubic B-spline subdivision along each axis; the refined grid keeps the same
+        valid region (it is cropped to ``2 * mesh + 3`` knots), so nothing changes anywhere.
+        Create the optimiser again afterwards: the parameter is a new tensor.
+        """
+        c = self.coefficients.detach()
+        for a in range(self.ndim):
+            axis = c.dim() - 1 - a
+            x = torch.movedim(c, axis, -1)
+            odd = (x[..., :-1] + x[..., 1:]) / 2
+            even = (x[..., :-2] + 6 * x[..., 1:-1] + x[..., 2:]) / 8
+            out = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1] - 3)
+            out[..., 0::2] = odd
+            out[..., 1::2] = even
+            c = torch.movedim(out, -1, axis)
+        g = self.control
+        spacing = np.asarray(g.spacing) / 2
+        origin = np.asarray(g.origin) + g.direction_matrix @ spacing
+        self.control = Grid([2 * n - 3 for n in g.size], spacing, origin, g.direction)
+        self.coefficients = nn.Parameter(c.contiguous())
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, control={self.control}"

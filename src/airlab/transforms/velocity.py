@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from ..spatial import Grid
 from .base import Transform
+from .bspline import BSplineTransform
 from .dense import _check_field, compose_displacements, sample_field
 
-__all__ = ["StationaryVelocityField", "exponential"]
+__all__ = ["StationaryVelocityField", "BSplineVelocityField", "exponential"]
 
 
 def exponential(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
@@ -45,9 +48,13 @@ class StationaryVelocityField(Transform):
                 raise ValueError(f"velocity batch {velocity.shape[0]} != batch_size {batch_size}")
         self.velocity = nn.Parameter(velocity.detach().clone())
 
+    def velocity_field(self) -> torch.Tensor:
+        """The velocity ``[N, D, *grid.shape]`` (mm) that is exponentiated."""
+        return self.velocity
+
     def field(self) -> torch.Tensor:
         """The displacement of this transform on its own grid ``[N, D, *shape]``."""
-        return exponential(self.sign * self.velocity, self.grid, self.steps)
+        return exponential(self.sign * self.velocity_field(), self.grid, self.steps)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         points = self._check_points(points)
@@ -58,12 +65,52 @@ class StationaryVelocityField(Transform):
             return self.field()
         return super().displacement(grid)
 
+    @torch.no_grad()
+    def regrid(self, grid: Grid) -> None:
+        """Move the velocity onto another grid in place (linear interpolation), for example a
+        finer one at the next pyramid level. Create the optimiser again afterwards."""
+        from ..spatial import sample
+
+        v = sample(self.velocity.detach(), self.grid, grid.points(self.velocity.dtype, self.velocity.device),
+                   "linear", outside=None)
+        self.grid = grid
+        self.velocity = nn.Parameter(v.contiguous())
+
     def inverse(self) -> "StationaryVelocityField":
-        inv = StationaryVelocityField(self.grid, self.batch_size, steps=self.steps,
-                                      dtype=self.velocity.dtype)
-        inv.velocity = self.velocity  # shared: the inverse follows the optimisation
+        """``exp(-v)``, sharing this transform's parameters (a shallow copy): optimising either
+        moves both, so symmetric objectives get the inverse at no extra cost."""
+        inv = copy.copy(self)
         inv.sign = -self.sign
         return inv
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, steps={self.steps}, sign={self.sign:+.0f}"
+
+
+class BSplineVelocityField(StationaryVelocityField):
+    """A stationary velocity field whose velocity is a cubic B-spline (control points every
+    ``control_spacing`` mm over ``domain``), exponentiated on ``grid``.
+
+    The spline keeps the velocity smooth and the parameters few, which conditions the
+    optimisation well; the exponential keeps the transform diffeomorphic. ``refine()`` halves the
+    control spacing exactly; ``regrid(grid)`` moves the exponentiation to another grid.
+    """
+
+    def __init__(self, grid: Grid, control_spacing, batch_size: int = 1, steps: int = 7,
+                 domain: Grid | None = None, dtype=None):
+        Transform.__init__(self, grid.ndim, batch_size)
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        self.grid = grid
+        self.steps = steps
+        self.sign = 1.0
+        self.spline = BSplineTransform(domain or grid, control_spacing, batch_size, dtype=dtype)
+
+    def velocity_field(self) -> torch.Tensor:
+        return self.spline.displacement(self.grid)
+
+    def refine(self) -> None:
+        self.spline.refine()
+
+    def regrid(self, grid: Grid) -> None:
+        self.grid = grid

@@ -1,0 +1,584 @@
+"""Image similarity losses for registration.
+
+Every loss is a pure function of ``fixed`` and ``moving`` (``[N, C, *spatial]``, 2D or 3D, the
+same shape) and returns one value per batch element, a tensor ``[N]`` that registration
+*minimises*. Multi-channel images give the mean of the per-channel values. Everything follows the
+inputs' device and dtype, and one code path serves 2D and 3D.
+
+What a mask means
+-----------------
+``weight`` (``[N or 1, 1, *spatial]``, values in ``[0, 1]``) says how much each voxel counts. The
+engine passes the product of the fixed mask, the warped moving mask and an "inside the moving
+image" indicator, so a fractional value is a partially valid voxel. A voxel of weight 0 is
+ignored: every statistic (means, variances, local window sums, histograms, intensity ranges) is a
+weighted sum, so changing the images where the weight is 0 changes nothing. The one exception is
+NGF, whose image gradients are central differences: a voxel inside the mask looks one voxel
+beyond it. A weight that is zero everywhere (for any batch element) is an error: the loss would be
+undefined, and silently returning 0 or NaN would hide an empty overlap.
+
+NaN and infinite inputs are not checked here (that would cost a device synchronisation on every
+call); the engine validates its images once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .spatial import Grid
+from .splines import cubic_weights
+
+__all__ = [
+    "mse",
+    "ncc",
+    "lncc",
+    "mutual_information",
+    "nmi",
+    "ngf",
+    "landmark_distance",
+    "MSE",
+    "NCC",
+    "LNCC",
+    "MutualInformation",
+    "NMI",
+    "NGF",
+    "LOSSES",
+]
+
+LNCC_KERNELS = ("box", "gaussian")
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _spatial_dims(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(2, x.dim()))
+
+
+def _per_channel(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a per-(batch, channel) tensor ``[N, C]`` so it broadcasts against ``like``."""
+    return x.view(*x.shape, *([1] * (like.dim() - 2)))
+
+
+def _prepare(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None):
+    """Validate the inputs and return them as floats, plus the weight's sum per batch element.
+
+    Returns ``(fixed, moving, weight, weight_sum)``; ``weight`` and ``weight_sum`` (``[N or 1, 1]``)
+    are ``None`` when no weight is given, so the unweighted path costs no extra multiplications.
+    """
+    if fixed.shape != moving.shape:
+        raise ValueError(
+            f"fixed and moving must have the same shape, got fixed {tuple(fixed.shape)} "
+            f"and moving {tuple(moving.shape)}"
+        )
+    if moving.dim() not in (4, 5):
+        raise ValueError(
+            f"images must be [N, C, H, W] or [N, C, D, H, W], got shape {tuple(moving.shape)}"
+        )
+    dtype = torch.promote_types(fixed.dtype, moving.dtype)
+    if not dtype.is_floating_point:  # integer images (labels, raw scanner data) are welcome
+        dtype = torch.get_default_dtype()
+    fixed, moving = fixed.to(dtype), moving.to(dtype)
+    if weight is None:
+        return fixed, moving, None, None
+    n, spatial = moving.shape[0], tuple(moving.shape[2:])
+    if (
+        weight.dim() != moving.dim()
+        or weight.shape[1] != 1
+        or weight.shape[0] not in (1, n)
+        or tuple(weight.shape[2:]) != spatial
+    ):
+        expected = ", ".join(map(str, spatial))
+        raise ValueError(
+            f"weight must have shape [{n} or 1, 1, {expected}] to match images of shape "
+            f"{tuple(moving.shape)}, got {tuple(weight.shape)}"
+        )
+    weight = weight.to(dtype)  # boolean masks are welcome
+    weight_sum = weight.sum(_spatial_dims(weight))
+    # One synchronisation per call, but an empty overlap must not pass silently.
+    if not bool((weight_sum > 0).all()):
+        empty = torch.nonzero(weight_sum.flatten() <= 0).flatten().tolist()
+        raise ValueError(f"the mask is empty (all weights are zero) for batch element(s) {empty}")
+    return fixed, moving, weight, weight_sum
+
+
+def _mean(x: torch.Tensor, weight: torch.Tensor | None, weight_sum: torch.Tensor | None) -> torch.Tensor:
+    """Weighted spatial mean of ``x [N, C, *S]`` -> ``[N, C]``."""
+    if weight is None:
+        return x.mean(_spatial_dims(x))
+    return (x * weight).sum(_spatial_dims(x)) / weight_sum
+
+
+def _check_grid(grid: Grid | None, moving: torch.Tensor) -> None:
+    if grid is not None and tuple(grid.shape) != tuple(moving.shape[2:]):
+        raise ValueError(
+            f"grid of shape {grid.shape} does not match images of shape {tuple(moving.shape)}"
+        )
+
+
+def _per_axis(value, d: int, name: str) -> tuple:
+    """A scalar, or a sequence of ``d`` values in ITK order -> tuple of ``d`` values (ITK order)."""
+    if isinstance(value, numbers.Number):
+        return (value,) * d
+    values = tuple(value)
+    if len(values) != d:
+        raise ValueError(f"{name} needs one value per axis of the {d}D image, got {values!r}")
+    return values
+
+
+# --------------------------------------------------------------------------- MSE and NCC
+def mse(fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean of squared intensity differences, ``[N]``."""
+    fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
+    return _mean((fixed - moving).square(), weight, weight_sum).mean(1)
+
+
+def ncc(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-8
+) -> torch.Tensor:
+    """``1 - NCC``: one minus the global (weighted) normalised cross-correlation, ``[N]``.
+
+    ``NCC = cov(f, m) / sqrt(var(f) var(m) + eps)`` with weighted moments, so the loss runs from
+    0 (``m = a f + b`` with ``a > 0``) to 2 (``a < 0``). ``eps`` is absolute, in the units of
+    ``var(f) var(m)`` (intensity^4), and only keeps a constant image finite (its NCC is 0).
+    """
+    fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
+    # Centre first (two passes) rather than E[fm] - E[f]E[m]: the latter cancels badly in float32
+    # for images with a large mean.
+    df = fixed - _per_channel(_mean(fixed, weight, weight_sum), fixed)
+    dm = moving - _per_channel(_mean(moving, weight, weight_sum), moving)
+    cov = _mean(df * dm, weight, weight_sum)
+    var_f = _mean(df.square(), weight, weight_sum)
+    var_m = _mean(dm.square(), weight, weight_sum)
+    return 1 - (cov / torch.sqrt(var_f * var_m + eps)).mean(1)
+
+
+# --------------------------------------------------------------------------- LNCC
+def _lncc_window(radius: int, kernel: str, dtype, device) -> torch.Tensor | None:
+    """Normalised 1D window of length ``2 r + 1`` (``None`` for ``r = 0``: no smoothing)."""
+    if radius == 0:
+        return None
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    if kernel == "box":
+        k = torch.ones_like(x)
+    else:  # gaussian with sigma = r / 2, truncated at r = 2 sigma
+        k = torch.exp(-0.5 * (x / (radius / 2.0)).square())
+    return k / k.sum()
+
+
+def _convolution_matrix(window: torch.Tensor, length: int) -> torch.Tensor:
+    """``[length, length]`` banded (Toeplitz) matrix of a centred 1D convolution, zero padded.
+
+    Zero padding is deliberate: the filtered quantities are weighted sums, and voxels beyond the
+    border carry no weight, so windows are simply truncated there.
+    """
+    r = window.numel() // 2
+    i = torch.arange(length, device=window.device)
+    offset = i.view(1, -1) - i.view(-1, 1)  # column - row
+    taps = window[(offset + r).clamp(0, 2 * r)]
+    return torch.where(offset.abs() <= r, taps, torch.zeros_like(taps))
+
+
+def _separable_filter(x: torch.Tensor, windows: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Filter ``x [B, 1, *S]`` with one 1D window per tensor axis ("same" size, zero padding).
+
+    Each 1D convolution is applied as a product with its banded matrix along that axis (as
+    :func:`airlab.splines.apply_axis_weights` does): on CPU this is several times faster than
+    ``conv3d`` with a 1D-shaped kernel, whose backward pass is slower still, and on CUDA it is
+    computed in full float32 by default (unless ``torch.set_float32_matmul_precision`` was
+    lowered), whereas cuDNN convolutions default to TF32, too coarse for the
+    ``E[x^2] - E[x]^2`` that follows.
+    """
+    for axis, window in enumerate(windows):
+        if window is None:
+            continue
+        dim = 2 + axis
+        matrix = _convolution_matrix(window, x.shape[dim])
+        moved = torch.movedim(x, dim, -1)
+        # one flat matrix product (a batched one of many tiny products is far slower on CPU)
+        filtered = moved.reshape(-1, moved.shape[-1]) @ matrix.T
+        x = torch.movedim(filtered.view(moved.shape), -1, dim)
+    return x
+
+
+def _standardise(x: torch.Tensor, weight, weight_sum) -> torch.Tensor:
+    """Subtract the weighted mean and divide by the weighted standard deviation (per channel)."""
+    mean = _mean(x, weight, weight_sum)
+    x = x - _per_channel(mean, x)
+    var = _mean(x.square(), weight, weight_sum)
+    # A constant image leaves only rounding noise of order eps * |mean| after centring; scaling
+    # that up to unit variance would invent structure, so such an image is left at zero.
+    noise = (16 * torch.finfo(x.dtype).eps * mean.detach().abs()).square()
+    std = torch.where(var > noise, var, torch.ones_like(var)).sqrt()
+    return x / _per_channel(std, x)
+
+
+def lncc(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    radius,
+    kernel: str = "box",
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Local normalised cross-correlation, ``1 - mean(cc)``, ``[N]``.
+
+    ``cc = cov^2 / (var_f var_m + eps)`` (ANTs' squared convention: anti-correlation counts as a
+    match, and the loss is 0 only where both images are locally affine in each other) with local
+    weighted moments over a window centred at each voxel:
+
+    - ``radius``: window half-width in voxels, an int or one int per axis in ITK order (x, y, z);
+      0 on an axis means no extent along it;
+    - ``kernel="box"``: a ``(2 r + 1)`` box, as ANTs' CC; ``"gaussian"``: a Gaussian of
+      ``sigma = r / 2`` truncated at ``r`` (two sigmas), so both kernels have the same support
+      and the Gaussian emphasises the centre.
+
+    Local moments are ratios of weighted window sums, ``sum(k w x) / sum(k w)``, so masked-out
+    voxels and voxels beyond the border do not enter any window; the final mean is weighted by
+    ``weight``. Each image is first standardised by its global weighted mean and standard deviation:
+    that keeps ``E[x^2] - E[x]^2`` accurate in float32 for images with large intensities, and makes
+    ``eps`` relative (variances are in units of the image's global variance), so the same ``eps``
+    suits CT in HU and MR in [0, 1]. LNCC is invariant to that scaling except through ``eps``.
+    Windows with (relative) local variance product well below ``eps`` -- flat regions -- give
+    ``cc ~ 0``, as in ANTs.
+
+    The windows are applied as separable 1D convolutions, one axis at a time (see
+    :func:`_separable_filter`).
+    """
+    fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
+    if kernel not in LNCC_KERNELS:
+        raise ValueError(f"unknown LNCC kernel {kernel!r}; choose from {LNCC_KERNELS}")
+    d = moving.dim() - 2
+    radii = _per_axis(radius, d, "radius")
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in radii):
+        raise ValueError(f"radius must be non-negative integers (voxels), got {radius!r}")
+    # ITK order -> tensor axis order
+    windows = [_lncc_window(int(r), kernel, moving.dtype, moving.device) for r in reversed(radii)]
+
+    f = _standardise(fixed, weight, weight_sum)
+    m = _standardise(moving, weight, weight_sum)
+    n, c, spatial = moving.shape[0], moving.shape[1], moving.shape[2:]
+    w = weight if weight is not None else moving.new_ones((1, 1, *spatial))
+    # Local weight; positive wherever w is, since every window contains its centre voxel.
+    tiny = torch.finfo(moving.dtype).eps ** 2  # only guards windows with no weight at all
+    local_w = _separable_filter(w, windows).clamp_min(tiny).unsqueeze(2)  # [Nw, 1, 1, *S]
+    wf, wm = w * f, w * m
+    sums = torch.stack((wf, wm, wf * f, wm * m, wf * m), dim=2)  # [N, C, 5, *S]
+    local = _separable_filter(sums.reshape(n * c * 5, 1, *spatial), windows)
+    mean_f, mean_m, ff, mm, fm = (local.view(n, c, 5, *spatial) / local_w).unbind(2)
+    var_f = (ff - mean_f.square()).clamp_min(0)  # rounding can push a flat window below 0
+    var_m = (mm - mean_m.square()).clamp_min(0)
+    cov = fm - mean_f * mean_m
+    cc = cov.square() / (var_f * var_m + eps)
+    return 1 - _mean(cc, weight, weight_sum).mean(1)
+
+
+# --------------------------------------------------------------------------- mutual information
+def _bin_coordinates(x: torch.Tensor, weight, bins: int, value_range) -> torch.Tensor:
+    """Continuous bin coordinates ``u`` in ``[1, bins - 2]`` for ``x [N, C, V]``.
+
+    ``[min, max]`` (over voxels of positive weight, per batch element and channel, or the given
+    range) maps linearly onto ``[1, bins - 2]``: the cubic B-spline centred at ``u`` then touches
+    bins ``floor(u) - 1 .. floor(u) + 2``, all inside ``[0, bins - 1]``, so no mass is lost at the
+    ends. Values outside a given range are clamped into the end bins (no gradient there).
+    """
+    with torch.no_grad():  # the range is a binning choice, not something to optimise
+        if value_range is None:
+            xd = x.detach()
+            if weight is None:
+                lo, hi = xd.amin(-1, keepdim=True), xd.amax(-1, keepdim=True)
+            else:
+                inside = weight > 0
+                lo = torch.where(inside, xd, math.inf).amin(-1, keepdim=True)
+                hi = torch.where(inside, xd, -math.inf).amax(-1, keepdim=True)
+        else:
+            lo, hi = (torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in value_range)
+        width = hi - lo
+        # a constant image puts everything in one place (and has zero entropy contribution)
+        scale = torch.where(width > 0, (bins - 3) / width, torch.zeros_like(width))
+    return (1 + (x - lo) * scale).clamp(1, bins - 2)
+
+
+def _parzen(u: torch.Tensor, bins: int):
+    """First touched bin (``long``) and the four cubic B-spline weights ``[..., 4]`` at ``u``."""
+    # Clamping the knot to bins - 3 lets u = bins - 2 use t = 1 (same spline value, last weight 0)
+    # instead of touching a bin past the end.
+    knot = torch.floor(u.detach()).clamp(1, bins - 3)
+    return (knot - 1).long(), cubic_weights(u - knot)
+
+
+def _validate_range(value_range, name: str):
+    if value_range is None:
+        return None
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"{name} must be (low, high) with high > low, got {tuple(value_range)!r}")
+    return lo, hi
+
+
+def mutual_information(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    bins: int = 32,
+    normalized: bool = False,
+    fixed_range: tuple[float, float] | None = None,
+    moving_range: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Parzen-window (Mattes) mutual information: ``-MI``, or ``-NMI`` if ``normalized``; ``[N]``.
+
+    Each voxel adds its weight to the joint histogram spread over ``4 x 4`` bins by the outer
+    product of cubic B-spline kernels of its fixed and moving bin coordinates (see
+    :func:`_bin_coordinates`; ranges are computed without gradient). Marginals are the joint's
+    row and column sums, ``MI = H(F) + H(M) - H(F, M)`` and ``NMI = (H(F) + H(M)) / H(F, M)``
+    (natural logarithms). Because of the Parzen smoothing, ``MI(x, x)`` is a little below
+    ``H(x)`` and ``NMI(x, x)`` below 2.
+
+    Memory is O(voxels): the histogram is accumulated with 16 ``index_add`` passes (one per bin
+    offset) that share a single index tensor, instead of a ``[voxels, bins]`` weight matrix;
+    partial histograms of chunks of voxels are summed in float64 for accuracy.
+    Gradients reach ``moving`` (and ``fixed``, if it requires them) through the B-spline weights.
+    Histograms are per batch element and channel.
+    """
+    fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
+    if not isinstance(bins, numbers.Integral) or bins < 4:
+        raise ValueError(f"bins must be an integer >= 4 (the B-spline kernel spans 4 bins), got {bins!r}")
+    fixed_range = _validate_range(fixed_range, "fixed_range")
+    moving_range = _validate_range(moving_range, "moving_range")
+    n, c = moving.shape[:2]
+    f, m = fixed.flatten(2), moving.flatten(2)  # [N, C, V]
+    w = weight.flatten(2) if weight is not None else None  # [Nw, 1, V]
+
+    first_f, wf = _parzen(_bin_coordinates(f, w, bins, fixed_range), bins)
+    first_m, wm = _parzen(_bin_coordinates(m, w, bins, moving_range), bins)
+    if w is not None:
+        wf = wf * w.unsqueeze(-1)
+    # Voxels are split into chunks with a histogram each, summed afterwards in float64: a float32
+    # bin collecting millions of identical contributions (a uniform background) would round them
+    # systematically; with at most `chunk` voxels per partial bin the relative error stays below
+    # chunk * 2^-24 (2.4e-4) even then. On a GPU the chunks also spread the atomic adds over
+    # many addresses. A chunk holds at least bins^2 voxels, so the partial histograms never
+    # outgrow the image.
+    v = f.shape[-1]
+    chunk = max(4096, bins * bins)
+    chunks = -(-v // chunk)
+    hist = torch.arange(n * c, device=moving.device).view(n, c, 1) * chunks
+    hist = hist + torch.arange(v, device=moving.device) // chunk  # [N, C, V]: histogram of each voxel
+    # Flat index of the first touched (fixed, moving) bin; all 16 passes share this one tensor.
+    index = ((hist * bins + first_f) * bins + first_m).flatten()
+    del hist, first_f, first_m
+
+    acc = torch.float64 if moving.device.type != "mps" else moving.dtype  # MPS has no float64
+    joint = None
+    wf_a, wm_b = wf.unbind(-1), wm.unbind(-1)
+    for a in range(4):
+        for b in range(4):
+            src = (wf_a[a] * wm_b[b]).flatten()
+            part = src.new_zeros(n * c * chunks * bins * bins).index_add(0, index, src)
+            part = part.view(n * c, chunks, bins, bins).sum(1, dtype=acc)
+            # Offset (a, b) lands at (first + a, first + b): shift the small histogram rather than
+            # the index, so the passes need no index tensors of their own.
+            part = F.pad(part[:, : bins - a, : bins - b], (b, 0, a, 0))
+            joint = part if joint is None else joint + part
+
+    p = joint / joint.sum((1, 2), keepdim=True)
+    tiny = torch.finfo(acc).tiny
+
+    def entropy(q, dims):
+        # q log q with q clamped inside the log: empty bins give 0 and a finite gradient (their
+        # Parzen weight and its derivative vanish together, so the gradient is exactly 0).
+        return -(q * torch.log(q.clamp_min(tiny))).sum(dims)
+
+    h_f, h_m, h_joint = entropy(p.sum(2), 1), entropy(p.sum(1), 1), entropy(p, (1, 2))
+    value = (h_f + h_m) / h_joint if normalized else h_f + h_m - h_joint
+    return -value.view(n, c).mean(1).to(moving.dtype)
+
+
+def nmi(fixed, moving, weight=None, *, bins=32, fixed_range=None, moving_range=None) -> torch.Tensor:
+    """``-NMI`` with ``NMI = (H(F) + H(M)) / H(F, M)``; see :func:`mutual_information`."""
+    return mutual_information(
+        fixed, moving, weight, bins=bins, normalized=True, fixed_range=fixed_range, moving_range=moving_range
+    )
+
+
+# --------------------------------------------------------------------------- NGF
+def _physical_gradient(x: torch.Tensor, spacing: Sequence[float]) -> list[torch.Tensor]:
+    """Central differences along each tensor axis in physical units (one-sided at the border).
+
+    Axes of size 1 have no gradient and are skipped. The components are along the grid axes, not
+    the world axes; NGF only uses dot products and norms, which the (orthonormal) direction
+    cosines preserve, so the direction matrix is not needed.
+    """
+    d = x.dim() - 2
+    steps = tuple(reversed(spacing))  # ITK order -> tensor axis order
+    return [
+        torch.gradient(x, spacing=float(steps[k]), dim=2 + k)[0] for k in range(d) if x.shape[2 + k] > 1
+    ]
+
+
+def ngf(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    spacing: Sequence[float] | None,
+    eps: float = 0.1,
+) -> torch.Tensor:
+    """Normalised gradient fields (Haber & Modersitzki): ``1 - mean(cos^2)``, ``[N]``.
+
+    ``cos^2 = (gf . gm)^2 / ((|gf|^2 + eps_f^2) (|gm|^2 + eps_m^2))`` with gradients by central
+    differences in physical units (``spacing`` in ITK order; ``None`` means 1 along every axis).
+
+    ``eps`` is *relative*: ``eps_f^2 = eps^2 * mean(|gf|^2)`` over the mask (RMS gradient), and
+    likewise for the moving image, so the loss does not depend on intensity units
+    (``ngf(f, a m + b) == ngf(f, m)``) and gradients weaker than ``eps`` times the typical one
+    are treated as noise. The edge scales are part of the function (they carry gradient).
+    Values outside the mask enter through the differences of voxels next to its boundary.
+    """
+    fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
+    d = moving.dim() - 2
+    spacing = (1.0,) * d if spacing is None else tuple(float(s) for s in _per_axis(spacing, d, "spacing"))
+    if any(not s > 0 for s in spacing):
+        raise ValueError(f"spacing must be positive, got {spacing}")
+
+    def fields(x):
+        grads = _physical_gradient(x, spacing)
+        if not grads:  # a single voxel has no gradient
+            zero = torch.zeros_like(x)
+            return [zero], zero, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+        norm2 = sum(g.square() for g in grads)
+        scale2 = _mean(norm2, weight, weight_sum)
+        scale2 = torch.where(scale2 > 0, scale2, torch.ones_like(scale2))  # constant image
+        return grads, norm2, eps**2 * scale2
+
+    gf, nf, ef = fields(fixed)
+    gm, nm, em = fields(moving)
+    dot = sum(a * b for a, b in zip(gf, gm))
+    cos2 = dot.square() / ((nf + _per_channel(ef, nf)) * (nm + _per_channel(em, nm)))
+    return 1 - _mean(cos2, weight, weight_sum).mean(1)
+
+
+# --------------------------------------------------------------------------- landmarks
+def landmark_distance(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared Euclidean distance between point sets ``[N, P, D]`` (mm) -> ``[N]`` (mm^2)."""
+    if mapped.shape != target.shape or mapped.dim() != 3:
+        raise ValueError(
+            f"landmarks must both be [N, P, D] of the same shape, got mapped {tuple(mapped.shape)} "
+            f"and target {tuple(target.shape)}"
+        )
+    return (mapped - target).square().sum(-1).mean(-1)
+
+
+# --------------------------------------------------------------------------- modules
+class MSE(nn.Module):
+    """:func:`mse` as a module."""
+
+    def forward(self, fixed, moving, weight=None, grid: Grid | None = None) -> torch.Tensor:
+        _check_grid(grid, moving)
+        return mse(fixed, moving, weight)
+
+
+class NCC(nn.Module):
+    """:func:`ncc` as a module."""
+
+    def __init__(self, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, fixed, moving, weight=None, grid: Grid | None = None) -> torch.Tensor:
+        _check_grid(grid, moving)
+        return ncc(fixed, moving, weight, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class LNCC(nn.Module):
+    """:func:`lncc` as a module.
+
+    The window is ``radius`` voxels (int or ITK-ordered tuple), or, if ``radius_mm`` is given
+    (scalar or ITK-ordered tuple), ``round(radius_mm / spacing)`` voxels per axis (half up, at
+    least 1) on the ``grid`` passed to :meth:`forward`, so one configuration suits every
+    resolution level of a pyramid.
+    """
+
+    def __init__(self, radius=2, kernel: str = "box", radius_mm=None, eps: float = 1e-5):
+        super().__init__()
+        if kernel not in LNCC_KERNELS:
+            raise ValueError(f"unknown LNCC kernel {kernel!r}; choose from {LNCC_KERNELS}")
+        self.radius, self.kernel, self.radius_mm, self.eps = radius, kernel, radius_mm, eps
+
+    def voxel_radius(self, grid: Grid | None):
+        """The window radius in voxels (ITK order) this module uses on ``grid``."""
+        if self.radius_mm is None:
+            return self.radius
+        if grid is None:
+            raise ValueError("LNCC(radius_mm=...) needs the grid (for its spacing); pass grid=...")
+        mm = _per_axis(self.radius_mm, grid.ndim, "radius_mm")
+        return tuple(max(1, int(math.floor(float(r) / s + 0.5))) for r, s in zip(mm, grid.spacing))
+
+    def forward(self, fixed, moving, weight=None, grid: Grid | None = None) -> torch.Tensor:
+        _check_grid(grid, moving)
+        return lncc(fixed, moving, weight, radius=self.voxel_radius(grid), kernel=self.kernel, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        size = f"radius_mm={self.radius_mm}" if self.radius_mm is not None else f"radius={self.radius}"
+        return f"{size}, kernel={self.kernel!r}, eps={self.eps}"
+
+
+class MutualInformation(nn.Module):
+    """:func:`mutual_information` as a module."""
+
+    def __init__(self, bins: int = 32, normalized: bool = False, fixed_range=None, moving_range=None):
+        super().__init__()
+        if not isinstance(bins, numbers.Integral) or bins < 4:
+            raise ValueError(f"bins must be an integer >= 4 (the B-spline kernel spans 4 bins), got {bins!r}")
+        self.bins, self.normalized = int(bins), bool(normalized)
+        self.fixed_range = _validate_range(fixed_range, "fixed_range")
+        self.moving_range = _validate_range(moving_range, "moving_range")
+
+    def forward(self, fixed, moving, weight=None, grid: Grid | None = None) -> torch.Tensor:
+        _check_grid(grid, moving)
+        return mutual_information(
+            fixed,
+            moving,
+            weight,
+            bins=self.bins,
+            normalized=self.normalized,
+            fixed_range=self.fixed_range,
+            moving_range=self.moving_range,
+        )
+
+    def extra_repr(self) -> str:
+        return f"bins={self.bins}, normalized={self.normalized}"
+
+
+class NMI(MutualInformation):
+    """:func:`nmi` as a module."""
+
+    def __init__(self, bins: int = 32, fixed_range=None, moving_range=None):
+        super().__init__(bins, True, fixed_range, moving_range)
+
+
+class NGF(nn.Module):
+    """:func:`ngf` as a module; the spacing comes from ``grid`` (unit spacing without one)."""
+
+    def __init__(self, eps: float = 0.1):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, fixed, moving, weight=None, grid: Grid | None = None) -> torch.Tensor:
+        _check_grid(grid, moving)
+        spacing = grid.spacing if grid is not None else None
+        return ngf(fixed, moving, weight, spacing=spacing, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+LOSSES = {"mse": MSE, "ncc": NCC, "lncc": LNCC, "mi": MutualInformation, "nmi": NMI, "ngf": NGF}

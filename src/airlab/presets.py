@@ -1,0 +1,97 @@
+"""Ready-made pipelines that work without tuning: ``rigid``, ``affine``, ``bspline``,
+``diffeomorphic``.
+
+Pyramids are sized from the fixed image (the coarsest level has about 25-50 voxels along its
+longest axis; smoothing sigma is half the level spacing), so the same preset serves a 2D
+slice, a 2 mm and a 1 mm brain. Intensities are normalised by the engine, so the regulariser
+weights mean the same on every image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .losses import LOSSES
+from .regularisers import BendingEnergy, Diffusion
+from .registration import Level, Stage
+from .spatial import Grid
+from .transforms import Affine, BSplineTransform, BSplineVelocityField, Rigid
+
+__all__ = ["PRESETS", "METRICS", "preset", "pyramid"]
+
+PRESETS = ("rigid", "affine", "bspline", "diffeomorphic")
+METRICS = ("mse", "ncc", "lncc", "mi", "nmi", "ngf")
+_DEFAULT_DEFORMABLE_METRIC = "lncc"
+
+
+def pyramid(grid: Grid, iterations: list[int] | int, *, finest: int = 1, coarsest_voxels: int = 25) -> list[Level]:
+    """Levels coarse to fine with shrink factors 2**k, down to ``finest``."""
+    factors = [1]
+    while max(grid.size) / (factors[-1] * 2) >= coarsest_voxels:
+        factors.append(factors[-1] * 2)
+    factors = [f for f in reversed(factors) if f >= finest] or [finest]
+    if isinstance(iterations, int):
+        iterations = [iterations] * len(factors)
+    iterations = list(iterations)[-len(factors):]
+    iterations = [iterations[0]] * (len(factors) - len(iterations)) + iterations
+    spacing = float(np.mean(grid.spacing))
+    return [Level(shrink=f, sigma=0.5 * spacing * f if f > 1 else 0.0, iterations=n) for f, n in zip(factors, iterations)]
+
+
+def _loss(metric: str, grid: Grid):
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if metric == "lncc":
+        return LOSSES["lncc"](radius=2)
+    return LOSSES[metric]()
+
+
+def _linear_metric(metric: str | None) -> str:
+    # global statistics suit linear stages; across contrasts only (N)MI works
+    return metric if metric in ("mi", "nmi") else "ncc"
+
+
+def _refine_after_first(t, level_index, level_grid):
+    if level_index > 0:
+        t.refine()
+
+
+def _velocity_on_level(t, level_index, level_grid):
+    # exponentiate at twice the level spacing: the velocity is smooth, and this is the cost
+    t.regrid(level_grid.with_spacing(np.asarray(level_grid.spacing) * 2))
+    if level_index > 0:
+        t.refine()
+
+
+def preset(name: str, fixed_grid: Grid, *, metric: str | None = None) -> list[Stage]:
+    """The stages of preset ``name`` for images on ``fixed_grid``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    d = fixed_grid.ndim
+    lin = _linear_metric(metric)
+    stages = [
+        Stage(lambda g, n: Rigid(d, n), [(1.0, _loss(lin, fixed_grid))], levels=pyramid(fixed_grid, [100, 60], finest=2),
+              lr=0.5, name="rigid")
+    ]
+    if name == "rigid":
+        stages[0].levels = pyramid(fixed_grid, [100, 60, 40])
+        return stages
+    affine_levels = pyramid(fixed_grid, [100, 60, 40]) if name == "affine" else pyramid(fixed_grid, [100, 60], finest=2)
+    stages.append(Stage(lambda g, n: Affine(d, n), [(1.0, _loss(lin, fixed_grid))], levels=affine_levels, lr=0.2,
+                        name="affine"))
+    if name == "affine":
+        return stages
+    deformable = metric or _DEFAULT_DEFORMABLE_METRIC
+    levels = pyramid(fixed_grid, [100, 100, 80])
+    # control points every 5 voxels of the finest level, twice that per coarser level
+    spacing = 5.0 * float(np.mean(fixed_grid.spacing)) * 2 ** (len(levels) - 1)
+    if name == "bspline":
+        stages.append(Stage(lambda g, n: BSplineTransform(g, spacing, n), [(1.0, _loss(deformable, fixed_grid))],
+                            [(0.1, BendingEnergy())], levels=levels, lr=0.5, on_level=_refine_after_first,
+                            regulariser_shrink=2, name="bspline"))
+    else:
+        stages.append(Stage(lambda g, n: BSplineVelocityField(g, spacing, n, domain=g),
+                            [(1.0, _loss(deformable, fixed_grid))], [(0.1, BendingEnergy()), (0.01, Diffusion())],
+                            levels=levels, lr=0.5, on_level=_velocity_on_level, regulariser_shrink=2,
+                            name="diffeomorphic"))
+    return stages

@@ -1,0 +1,159 @@
+"""Regularisers: exact values on analytic fields over oblique grids, gradients, batches."""
+
+import numpy as np
+import pytest
+import torch
+
+from airlab import Grid
+from airlab.regularisers import (
+    REGULARISERS,
+    BendingEnergy,
+    Diffusion,
+    JacobianFolding,
+    TotalVariation,
+    bending_energy,
+    diffusion,
+    folding_penalty,
+    hessian,
+    jacobian,
+    jacobian_determinant,
+    total_variation,
+)
+
+from conftest import oblique_grid, smooth_field
+
+FUNCTIONS = {
+    "jacobian": jacobian,
+    "hessian": hessian,
+    "determinant": jacobian_determinant,
+    "diffusion": diffusion,
+    "bending": bending_energy,
+    "tv": lambda u, g: total_variation(u, g, eps=0.1),
+    "folding": lambda u, g: folding_penalty(u, g, threshold=1.0),
+}
+
+
+def _grid(d, rng, small=False):
+    if small:
+        return oblique_grid(d, rng, size=(4, 3, 3)[:d] if d == 3 else (5, 4))
+    return oblique_grid(d, rng, size=(9, 8, 7)[:d] if d == 3 else (12, 10))
+
+
+def _field_from(grid, fn):
+    """Displacement ``[1, D, *shape]`` of ``fn(points [..., D]) -> [..., D]`` (mm)."""
+    x = grid.points(dtype=torch.float64)
+    return torch.movedim(fn(x - torch.as_tensor(grid.center())), -1, 1)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_affine_field_is_differentiated_exactly(d, rng):
+    grid = _grid(d, rng)
+    a = torch.as_tensor(rng.normal(size=(d, d)) * 0.2)
+    b = torch.as_tensor(rng.normal(size=d))
+    u = _field_from(grid, lambda x: x @ a.T + b)
+
+    jac = jacobian(u, grid)
+    assert jac.shape == (1, d, d, *grid.shape)
+    expected = a.reshape(1, d, d, *([1] * d)).expand_as(jac)
+    torch.testing.assert_close(jac, expected, rtol=0, atol=1e-10)  # borders included
+    torch.testing.assert_close(bending_energy(u, grid), torch.zeros(1, dtype=u.dtype), rtol=0, atol=1e-18)
+    frobenius = (a**2).sum()
+    torch.testing.assert_close(diffusion(u, grid), frobenius.reshape(1))
+    torch.testing.assert_close(total_variation(u, grid, eps=0.5), torch.sqrt(frobenius + 0.25).reshape(1))
+    det = jacobian_determinant(u, grid)
+    assert det.shape == (1, *grid.shape)
+    torch.testing.assert_close(det, torch.linalg.det(torch.eye(d, dtype=a.dtype) + a).expand_as(det))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_quadratic_field_has_exact_bending_energy(d, rng):
+    # second-order differences (one-sided at the borders) are exact for quadratics everywhere
+    grid = _grid(d, rng)
+    q = rng.normal(size=(d, d, d)) * 0.01
+    q = torch.as_tensor(q + q.transpose(0, 2, 1))  # u_i = x^T Q_i x / 2, Hessian of u_i is Q_i
+    u = _field_from(grid, lambda x: 0.5 * torch.einsum("...j,ijk,...k->...i", x, q, x))
+
+    h = hessian(u, grid)
+    torch.testing.assert_close(h, q.reshape(1, d, d, d, *([1] * d)).expand_as(h), rtol=0, atol=1e-9)
+    torch.testing.assert_close(bending_energy(u, grid), (q**2).sum().reshape(1), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_folding_penalty(d, rng):
+    grid = _grid(d, rng)
+    smooth = smooth_field(grid, rng, batch=2, magnitude=0.5)
+    assert (jacobian_determinant(smooth, grid) > 0).all()
+    assert (folding_penalty(smooth, grid) == 0).all()
+    assert (folding_penalty(smooth, grid, threshold=2.0) > 0).all()
+
+    # u_x = -2 x flips the x axis: det(I + J) = -1 everywhere, penalty (0 - (-1))^2 = 1
+    flip = torch.zeros(d, d, dtype=torch.float64)
+    flip[0, 0] = -2.0
+    u = _field_from(grid, lambda x: x @ flip.T)
+    torch.testing.assert_close(folding_penalty(u, grid), torch.ones(1, dtype=u.dtype))
+
+    # a narrow, strong bump folds locally
+    sigma = 2.0 * max(grid.spacing)
+    gauss = lambda x: torch.exp(-(x**2).sum(-1, keepdim=True) / (2 * sigma**2))  # noqa: E731
+    bump = _field_from(grid, lambda x: 3 * sigma * gauss(x) * torch.ones(d))
+    det = jacobian_determinant(bump, grid)
+    assert (det <= 0).any() and (det > 0).any()
+    assert folding_penalty(bump, grid).item() > 0
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_batch_equals_singles(name, d, rng):
+    grid = _grid(d, rng)
+    u = smooth_field(grid, rng, batch=3, magnitude=4.0, sigma=1.5)
+    f = FUNCTIONS[name]
+    torch.testing.assert_close(f(u, grid), torch.cat([f(u[i : i + 1], grid) for i in range(3)]))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_gradcheck(name, d, rng):
+    grid = _grid(d, rng, small=True)
+    u = torch.as_tensor(rng.normal(size=(2, d, *grid.shape)) * 0.5).requires_grad_(True)
+    # fast mode checks random projections: the full Jacobian of the Hessian is slow to build
+    f = lambda v: FUNCTIONS[name](v, grid)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (u,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_modules_registry_dtype():
+    grid = Grid((6, 5, 4), spacing=(1.0, 1.5, 2.0))
+    u = torch.randn(2, 3, *grid.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
+    assert set(REGULARISERS) == {"diffusion", "bending", "tv", "folding"}
+    assert REGULARISERS["diffusion"] is Diffusion and REGULARISERS["bending"] is BendingEnergy
+    expected = {
+        "diffusion": diffusion(u, grid),
+        "bending": bending_energy(u, grid),
+        "tv": total_variation(u, grid, eps=0.3),
+        "folding": folding_penalty(u, grid, threshold=0.2),
+    }
+    modules = {
+        "diffusion": Diffusion(),
+        "bending": BendingEnergy(),
+        "tv": TotalVariation(eps=0.3),
+        "folding": JacobianFolding(threshold=0.2),
+    }
+    for name, module in modules.items():
+        assert isinstance(module, REGULARISERS[name])
+        out = module(u, grid)
+        assert out.shape == (2,) and out.dtype == torch.float32
+        torch.testing.assert_close(out, expected[name])
+    assert "eps=0.3" in repr(modules["tv"]) and "threshold=0.2" in repr(modules["folding"])
+
+
+def test_errors():
+    grid = Grid((6, 5))
+    with pytest.raises(ValueError, match="does not fit the grid"):
+        diffusion(torch.zeros(1, 2, 6, 5), grid)
+    with pytest.raises(ValueError, match="does not fit the grid"):
+        diffusion(torch.zeros(1, 3, 5, 6), grid)
+    with pytest.raises(ValueError, match="floating point"):
+        diffusion(torch.zeros(1, 2, 5, 6, dtype=torch.long), grid)
+    with pytest.raises(ValueError, match="3 voxels along every axis"):
+        diffusion(torch.zeros(1, 2, 2, 6), Grid((6, 2)))
+    with pytest.raises(ValueError, match="eps must be positive"):
+        TotalVariation(eps=0)
