@@ -4,6 +4,7 @@
 
 The MNI ICBM152 2009a template (T1, grey- and white-matter probability maps) is resampled to
 2 mm with anti-aliasing; tissue labels are 1 = grey matter, 2 = white matter (probability > 0.5).
+A 1 mm axial slice of the T1 serves 2D examples and tests.
 """
 
 from pathlib import Path
@@ -44,6 +45,12 @@ def main():
         image.CopyInformation(t1)
         sitk.WriteImage(image, str(OUT / name), True)
         print(OUT / name, image.GetSize(), (OUT / name).stat().st_size, "bytes")
+    # a 1 mm axial slice through the middle of the brain, as a 2D image with its 2D geometry
+    full = sitk.ReadImage(str(DATA / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+    k = full.GetSize()[2] // 2 + 10
+    axial = full[:, :, k]
+    sitk.WriteImage(axial, str(OUT / "mni152_t1_1mm_axial.nii.gz"), True)
+    print(OUT / "mni152_t1_1mm_axial.nii.gz", axial.GetSize(), axial.GetOrigin(), axial.GetDirection())
 
 
 if __name__ == "__main__":

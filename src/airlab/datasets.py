@@ -12,11 +12,13 @@ __all__ = ["example_path", "mni152"]
 EXAMPLES = {
     "mni152_t1_2mm": "mni152_t1_2mm.nii.gz",
     "mni152_tissue_2mm": "mni152_tissue_2mm.nii.gz",
+    "mni152_t1_1mm_axial": "mni152_t1_1mm_axial.nii.gz",
 }
 
 
 def example_path(name: str) -> Path:
-    """Path of a shipped example file, by name (``mni152_t1_2mm``, ``mni152_tissue_2mm``)."""
+    """Path of a shipped example file, by name (``mni152_t1_2mm``, ``mni152_tissue_2mm``,
+    ``mni152_t1_1mm_axial``)."""
     if name not in EXAMPLES:
         raise KeyError(f"no example named {name!r}; choose from {sorted(EXAMPLES)}")
     return Path(str(resources.files("airlab").joinpath("data", EXAMPLES[name])))

@@ -57,10 +57,14 @@ class Stage:
         regularisers: ``[(weight, module), ...]`` called as ``reg(displacement, level_grid) -> [N]``
             on the displacement of this stage's transform alone.
         levels: the pyramid, coarse to fine.
-        optimizer: ``"adam"``, ``"lbfgs"``, or ``(param_groups) -> torch.optim.Optimizer``.
+        optimizer: ``"adam"``, ``"field-adam"`` (:class:`~airlab.optim.FieldAdam`, for
+            deformable transforms), ``"lbfgs"``, or ``(param_groups) -> torch.optim.Optimizer``.
         lr: step size. For linear transforms it is in mm; rotations, scales and matrix entries
             get ``lr / radius`` with ``radius`` the fixed image's radius of gyration, so that a
             step moves the image by about ``lr`` mm whatever the parameter.
+        decay: anneal the step size over each level (cosine, down to 1/20 of ``lr``). Adam's
+            steps do not shrink by themselves as the gradient vanishes; without decay it hovers
+            around the optimum of a flat objective (local correlation, mutual information).
         tolerance, patience: stop a level early when the objective improved by less than
             ``tolerance`` (relative) over the last ``patience`` iterations.
         on_level: ``(transform, level_index, level_grid) -> None`` hook run before each level
@@ -77,6 +81,7 @@ class Stage:
     levels: Sequence[Level] = (Level(),)
     optimizer: str | Callable = "adam"
     lr: float = 0.1
+    decay: bool = True
     tolerance: float = 1e-5
     patience: int = 20
     on_level: Callable | None = None
@@ -277,10 +282,14 @@ def _make_optimizer(spec, groups):
         return spec(groups)
     if spec == "adam":
         return torch.optim.Adam(groups)
+    if spec == "field-adam":
+        from .optim import FieldAdam
+
+        return FieldAdam(groups)
     if spec == "lbfgs":
         params = [p for g in groups for p in g["params"]]
         return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-    raise ValueError(f"unknown optimizer {spec!r}; choose 'adam', 'lbfgs' or pass a factory")
+    raise ValueError(f"unknown optimizer {spec!r}; choose 'adam', 'field-adam', 'lbfgs' or pass a factory")
 
 
 class Registration:
@@ -418,6 +427,12 @@ class Registration:
     def _run_level(self, stage, s, li, level, t, previous, data: _LevelData, radius) -> dict:
         points = data.grid.points(dtype=data.fixed.dtype, device=data.fixed.device)
         optimizer = _make_optimizer(stage.optimizer, _param_groups(t, stage.lr, radius))
+        scheduler = None
+        if stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS):
+            base = [g["lr"] for g in optimizer.param_groups]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [lambda k, n=level.iterations: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / n))] * len(base)
+            )
         values: list[float] = []
         bar = None
         if self.progress and level.iterations > 0:
@@ -437,6 +452,8 @@ class Registration:
                     return loss
 
                 loss = optimizer.step(closure)
+                if scheduler is not None:
+                    scheduler.step()
                 terms = closure.terms
                 value = float(loss.detach())
                 if not math.isfinite(value):

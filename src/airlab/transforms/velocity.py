@@ -53,8 +53,21 @@ class StationaryVelocityField(Transform):
         return self.velocity
 
     def field(self) -> torch.Tensor:
-        """The displacement of this transform on its own grid ``[N, D, *shape]``."""
-        return exponential(self.sign * self.velocity_field(), self.grid, self.steps)
+        """The displacement of this transform on its own grid ``[N, D, *shape]``.
+
+        Scaling and squaring is the expensive part, and an objective often needs the field
+        twice per step (warping and regularising); it is cached until a parameter changes.
+        """
+        key = (
+            tuple((p.data_ptr(), p._version) for p in self.parameters()),
+            self.sign, self.steps, self.grid, torch.is_grad_enabled(),
+        )
+        cached = getattr(self, "_field_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        u = exponential(self.sign * self.velocity_field(), self.grid, self.steps)
+        self._field_cache = (key, u)
+        return u
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         points = self._check_points(points)
