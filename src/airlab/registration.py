@@ -10,6 +10,7 @@ to moving physical points for the whole pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -395,6 +396,10 @@ class Registration:
         return True
 
     def _objective(self, stage, t, previous, data: _LevelData, points):
+        with t.cached() if hasattr(t, "cached") else contextlib.nullcontext():
+            return self._terms(stage, t, previous, data, points)
+
+    def _terms(self, stage, t, previous, data: _LevelData, points):
         disp = t.displacement(data.grid)  # [N, D, *shape]: this stage's own motion
         y = points + torch.movedim(disp, 1, -1)
         if previous is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -53,21 +54,26 @@ class StationaryVelocityField(Transform):
         return self.velocity
 
     def field(self) -> torch.Tensor:
-        """The displacement of this transform on its own grid ``[N, D, *shape]``.
-
-        Scaling and squaring is the expensive part, and an objective often needs the field
-        twice per step (warping and regularising); it is cached until a parameter changes.
-        """
-        key = (
-            tuple((p.data_ptr(), p._version) for p in self.parameters()),
-            self.sign, self.steps, self.grid, torch.is_grad_enabled(),
-        )
-        cached = getattr(self, "_field_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        """The displacement of this transform on its own grid ``[N, D, *shape]``."""
+        cache = getattr(self, "_field_cache", None)
+        key = (self.sign, self.steps, self.grid, torch.is_grad_enabled())
+        if cache is not None and key in cache:
+            return cache[key]
         u = exponential(self.sign * self.velocity_field(), self.grid, self.steps)
-        self._field_cache = (key, u)
+        if cache is not None:
+            cache[key] = u
         return u
+
+    @contextlib.contextmanager
+    def cached(self):
+        """Within this block the field is computed once: scaling and squaring is the expensive
+        part, and an objective needs the field twice (to warp and to regularise). The caller
+        promises not to change the parameters inside the block."""
+        self._field_cache = {}
+        try:
+            yield self
+        finally:
+            self._field_cache = None
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         points = self._check_points(points)
