@@ -169,7 +169,8 @@ def resample(
     """Resample ``image`` onto ``reference`` through ``transform`` (reference -> image points).
 
     ``interpolation`` defaults to ``"nearest"`` for label (integer) images and ``"linear"``
-    otherwise; ``"bspline"`` is cubic B-spline interpolation. Points that map outside the image
+    otherwise; ``"bspline"`` is cubic B-spline interpolation; ``"label"`` moves label
+    boundaries smoothly (largest linearly interpolated indicator). Points that map outside the image
     get ``outside``. A batched transform with a single image gives one result per transform.
     """
     grid = reference.grid if isinstance(reference, Image) else reference
@@ -184,5 +185,5 @@ def resample(
             raise ValueError(f"a {transform.ndim}D transform cannot warp a {image.ndim}D image")
         points = transform(points)
     data = sample(image.data, image.grid, points, interpolation, outside)
-    file_dtype = image.file_dtype if interpolation == "nearest" else None
+    file_dtype = image.file_dtype if interpolation in ("nearest", "label") else None
     return Image(data, grid, file_dtype)

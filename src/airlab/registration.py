@@ -416,8 +416,10 @@ class Registration:
             raise RegistrationError("the images do not overlap: no fixed voxel maps inside the moving image")
         terms = {}
         total = 0.0
+        fixed = data.fixed.expand(warped.shape[0], *data.fixed.shape[1:])
+        weight = weight.expand(warped.shape[0], *weight.shape[1:])
         for w, loss in stage.losses:
-            v = loss(data.fixed, warped, weight=weight, grid=data.grid)
+            v = loss(fixed, warped, weight=weight, grid=data.grid)
             terms[type(loss).__name__] = v.detach()
             total = total + w * v
         if stage.regularisers:

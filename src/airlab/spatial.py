@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 __all__ = ["Grid", "sample", "INTERPOLATIONS"]
 
-INTERPOLATIONS = ("linear", "nearest", "bspline")
+INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
 
 def _floats(values: Sequence[float], name: str) -> tuple[float, ...]:
@@ -263,6 +263,22 @@ def _sample_nearest(data, grid: Grid, index):
     return torch.gather(values, 2, idx)
 
 
+def _sample_label(data, grid: Grid, index):
+    """Label maps by the largest linearly interpolated indicator (ITK's LabelImageGaussian /
+    ANTs' GenericLabel idea, with a linear kernel): boundaries move smoothly instead of in
+    whole-voxel steps, and no label is invented. Ties keep the lower label."""
+    n, p, _ = index.shape
+    c = data.shape[1]
+    best = torch.full((n, c, p), -1.0, dtype=torch.float32, device=data.device)
+    out = torch.zeros((n, c, p), dtype=data.dtype, device=data.device)
+    for value in torch.unique(data).tolist():
+        weight = sample_index((data == value).to(torch.float32), index.to(torch.float32), "border")
+        better = weight > best
+        best = torch.where(better, weight, best)
+        out = torch.where(better, torch.as_tensor(value, dtype=data.dtype, device=data.device), out)
+    return out
+
+
 def sample(
     data: torch.Tensor,
     grid: Grid,
@@ -276,14 +292,15 @@ def sample(
         data: image tensor ``[N, C, *grid.shape]``.
         grid: geometry of ``data``.
         points: physical points ``[N, *P, D]`` (batch 1 broadcasts against the image batch).
-        interpolation: ``"linear"``, ``"nearest"`` or ``"bspline"`` (cubic B-spline, as ITK's
-            ``BSplineInterpolateImageFunction`` of order 3).
+        interpolation: ``"linear"``, ``"nearest"``, ``"bspline"`` (cubic B-spline, as ITK's
+            ``BSplineInterpolateImageFunction`` of order 3) or ``"label"`` (label maps: the label
+            whose linearly interpolated indicator is largest; smoother than nearest).
         outside: value for points outside the image (ITK's buffer test: more than half a voxel
             beyond the outermost voxel centre). ``None`` extrapolates (border for linear and
             nearest, mirror for bspline), which is what displacement fields need.
 
     Returns:
-        ``[N, C, *P]``; integer data stays integer with ``"nearest"``.
+        ``[N, C, *P]``; integer data stays integer with ``"nearest"`` and ``"label"``.
     """
     d = grid.ndim
     if data.dim() != d + 2 or tuple(data.shape[2:]) != grid.shape:
@@ -297,7 +314,7 @@ def sample(
         raise ValueError(f"unknown interpolation {interpolation!r}; choose from {INTERPOLATIONS}")
     data, points = _broadcast_batch(data, points)
     flat, middle = _flatten_points(points)
-    if not data.is_floating_point() and interpolation != "nearest":
+    if not data.is_floating_point() and interpolation not in ("nearest", "label"):
         data = data.to(points.dtype if points.is_floating_point() else torch.float32)
     if data.is_floating_point():
         flat = flat.to(data.dtype)
@@ -306,6 +323,8 @@ def sample(
         out = sample_index(data, index, "border")
     elif interpolation == "nearest":
         out = _sample_nearest(data, grid, index)
+    elif interpolation == "label":
+        out = _sample_label(data, grid, index)
     else:
         from .splines import bspline_interpolate
 
