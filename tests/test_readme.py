@@ -25,13 +25,21 @@ def test_first_block_is_the_two_setup_commands():
     assert first[1] in ci.splitlines(), ".ci/run must run the README's test command verbatim"
 
 
-def test_python_tour_runs(tmp_path, monkeypatch):
+def test_python_blocks_run(tmp_path, monkeypatch):
+    """Every Python block of the README runs as written, on the shipped example data."""
     from airlab.datasets import example_path
 
-    code = _blocks("python")[0].replace('"t1.nii.gz"', repr(str(example_path("mni152_t1_2mm"))))
+    t1 = repr(str(example_path("mni152_t1_2mm")))
+    axial = repr(str(example_path("mni152_t1_1mm_axial")))
+    blocks = _blocks("python")
+    assert len(blocks) == 3
+    code = "\n".join(blocks)
+    code = code.replace('"t1.nii.gz"', t1).replace('"fixed.nii.gz"', axial).replace('"moving.nii.gz"', axial)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "rigid.txt").exists() and (tmp_path / "displacement.nii.gz").exists()
+    assert namespace["result"].history
 
 
 @pytest.mark.skipif(shutil.which("airlab") is None, reason="console script not installed")

@@ -59,4 +59,5 @@ def ground_truth(deformation: Transform, grid: Grid, tolerance: float = 1e-4, it
     points = grid.points(dtype=torch.float32)
     deformation = deformation.float()
     y, residual = deformation.inverse_points(points, iterations=iterations, tolerance=tolerance)
-    return DisplacementField(grid, y.shape[0], torch.movedim(y - points, -1, 1)), residual
+    field = DisplacementField(grid, y.shape[0], torch.movedim(y - points, -1, 1)).requires_grad_(False)
+    return field, residual
