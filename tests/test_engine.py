@@ -191,3 +191,22 @@ def test_masks_restrict_the_objective(pair):
     result = _quick(preset("affine", fixed.grid))(fixed, moving, fixed_mask=al.Image(mask, fixed.grid),
                                                  moving_mask=al.Image(mask, moving.grid))
     assert result.history[-1]["iterations"] > 0
+
+
+def test_symmetric_velocity_stage(pair):
+    fixed, moving, truth = pair
+    stages = preset("diffeomorphic", fixed.grid)
+    stages[-1].symmetric = True
+    result = _quick(stages)(fixed, moving)
+    affine = _quick(preset("affine", fixed.grid))(fixed, moving)
+    assert _epe(result.transform, truth, fixed) < 0.6 * _epe(affine.transform, truth, fixed)
+    velocity = result.stages[-1]
+    pts = fixed.grid.points(torch.float32)
+    with torch.no_grad():  # the inverse comes free and undoes the deformation
+        there_and_back = velocity.inverse()(velocity(pts)) - pts
+    inner = (fixed.data[0, 0] > 20)
+    assert float(there_and_back.norm(dim=-1)[0][inner].max()) < 0.05 * min(fixed.grid.spacing)
+    with pytest.raises(ValueError, match="symmetric stage needs a velocity field"):
+        stages = preset("bspline", fixed.grid)
+        stages[-1].symmetric = True
+        _quick(stages)(fixed, moving)

@@ -16,7 +16,7 @@ from airlab.datasets import example_path, mni152
 from airlab.evaluate import dice, endpoint_error, jacobian_stats
 from airlab.presets import preset
 from airlab.registration import Registration
-from airlab.synthetic import ground_truth, random_deformation
+from airlab.synthetic import ground_truth, invert_grey_white, random_deformation
 
 from conftest import random_rotation
 
@@ -28,7 +28,9 @@ class Case:
         with torch.no_grad():
             moving = al.resample(fixed, fixed.grid, self.deformation, interpolation="bspline")
         if contrast:
-            moving = al.Image(invert_grey_white(moving.data, fixed.data, labels.data), moving.grid)
+            f, lab = fixed.data[0, 0], labels.data[0, 0]
+            grey, white = float(f[lab == 1].median()), float(f[lab == 2].median())
+            moving = al.Image(invert_grey_white(moving.data, grey, white), moving.grid)
         self.moving = moving
         self.truth, _ = ground_truth(self.deformation, fixed.grid)
         self.brain = (labels.data[0, 0] > 0).numpy() if labels is not None else (fixed.data[0, 0] > 20).numpy()
@@ -37,20 +39,6 @@ class Case:
         with torch.no_grad():
             est = transform.displacement(self.fixed.grid)[0].numpy()
         return endpoint_error(est, self.truth.field[0].detach().numpy(), mask=self.brain), est
-
-
-def invert_grey_white(moving, fixed, labels):
-    """Remap intensities piecewise linearly so that grey matter becomes brighter than white."""
-    f = fixed[0, 0]
-    g = float(f[labels[0, 0] == 1].median())
-    w = float(f[labels[0, 0] == 2].median())
-    top = float(f.max())
-    xs = torch.tensor([0.0, g, w, top])
-    ys = torch.tensor([0.0, w, g, 0.8 * g])
-    x = moving.clamp(0, top)
-    k = torch.bucketize(x, xs[1:-1])
-    x0, x1, y0, y1 = xs[k], xs[k + 1], ys[k], ys[k + 1]
-    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
 
 
 @pytest.fixture(scope="module")

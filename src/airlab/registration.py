@@ -70,6 +70,9 @@ class Stage:
             ``tolerance`` (relative) over the last ``patience`` iterations.
         on_level: ``(transform, level_index, level_grid) -> None`` hook run before each level
             (B-spline refinement, regridding a velocity field, ...).
+        symmetric: for velocity fields: compare ``fixed o exp(-v/2)`` with
+            ``moving o exp(v/2)`` in the space halfway between them, so neither image is
+            favoured; the result is still ``exp(v)``, and its inverse ``exp(-v)`` is free.
         regulariser_shrink: regularisers see the stage's displacement on the level grid with
             this many times its spacing. Smooth transforms (B-splines, spline velocities) lose
             nothing at 2 and it saves most of their cost; use 1 for free-form dense fields,
@@ -87,6 +90,7 @@ class Stage:
     patience: int = 20
     on_level: Callable | None = None
     regulariser_shrink: float = 1.0
+    symmetric: bool = False
     name: str = "stage"
 
 
@@ -400,7 +404,15 @@ class Registration:
             return self._terms(stage, t, previous, data, points)
 
     def _terms(self, stage, t, previous, data: _LevelData, points):
-        disp = t.displacement(data.grid)  # [N, D, *shape]: this stage's own motion
+        fixed = data.fixed
+        if stage.symmetric:
+            if not hasattr(t, "scaled"):
+                raise ValueError(f"a symmetric stage needs a velocity field, not {type(t).__name__}")
+            disp = t.scaled(0.5).displacement(data.grid)
+            back = t.scaled(-0.5).displacement(data.grid)
+            fixed = sample(data.fixed, data.grid, points + torch.movedim(back, 1, -1), "linear", outside=None)
+        else:
+            disp = t.displacement(data.grid)  # [N, D, *shape]: this stage's own motion
         y = points + torch.movedim(disp, 1, -1)
         if previous is not None:
             y = previous(y)
@@ -416,7 +428,7 @@ class Registration:
             raise RegistrationError("the images do not overlap: no fixed voxel maps inside the moving image")
         terms = {}
         total = 0.0
-        fixed = data.fixed.expand(warped.shape[0], *data.fixed.shape[1:])
+        fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
         weight = weight.expand(warped.shape[0], *weight.shape[1:])
         for w, loss in stage.losses:
             v = loss(fixed, warped, weight=weight, grid=data.grid)

@@ -8,7 +8,7 @@ import torch
 from .spatial import Grid
 from .transforms import BSplineTransform, Composite, DisplacementField, Rigid, Transform
 
-__all__ = ["random_deformation", "ground_truth"]
+__all__ = ["random_deformation", "ground_truth", "invert_grey_white"]
 
 
 def random_deformation(
@@ -61,3 +61,18 @@ def ground_truth(deformation: Transform, grid: Grid, tolerance: float = 1e-4, it
     y, residual = deformation.inverse_points(points, iterations=iterations, tolerance=tolerance)
     field = DisplacementField(grid, y.shape[0], torch.movedim(y - points, -1, 1)).requires_grad_(False)
     return field, residual
+
+
+def invert_grey_white(data: torch.Tensor, grey: float, white: float) -> torch.Tensor:
+    """Remap intensities piecewise linearly so that ``grey`` becomes as bright as ``white`` was
+    and vice versa (background stays dark): a synthetic change of contrast for testing
+    multi-modal similarity measures."""
+    top = float(data.max())
+    if not 0 < grey < white < top:
+        raise ValueError(f"expected 0 < grey ({grey}) < white ({white}) < max ({top})")
+    xs = torch.tensor([0.0, grey, white, top], dtype=data.dtype)
+    ys = torch.tensor([0.0, white, grey, 0.8 * grey], dtype=data.dtype)
+    x = data.clamp(0, top)
+    k = torch.bucketize(x, xs[1:-1])
+    x0, x1, y0, y1 = xs[k], xs[k + 1], ys[k], ys[k + 1]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)

@@ -95,15 +95,20 @@ class StationaryVelocityField(Transform):
         self.grid = grid
         self.velocity = nn.Parameter(v.contiguous())
 
+    def scaled(self, factor: float) -> "StationaryVelocityField":
+        """``exp(factor * v)`` sharing this transform's parameters (``scaled(0.5)`` is the
+        half-way transform of symmetric registration)."""
+        out = copy.copy(self)
+        out.sign = self.sign * factor
+        return out
+
     def inverse(self) -> "StationaryVelocityField":
         """``exp(-v)``, sharing this transform's parameters (a shallow copy): optimising either
         moves both, so symmetric objectives get the inverse at no extra cost."""
-        inv = copy.copy(self)
-        inv.sign = -self.sign
-        return inv
+        return self.scaled(-1.0)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, steps={self.steps}, sign={self.sign:+.0f}"
+        return f"{super().extra_repr()}, steps={self.steps}, sign={self.sign:+g}"
 
 
 class BSplineVelocityField(StationaryVelocityField):
