@@ -109,7 +109,6 @@ def test_landmark_distance():
 # --------------------------------------------------------------------------- LNCC
 def lncc_reference(f, m, w, radius_itk, kernel):
     """Brute force: explicit windows, weighted local moments, no eps (``[N, C, *S]`` numpy)."""
-    d = f.ndim - 2
     radius = radius_itk[::-1]  # tensor axis order
     taps = []
     for r in radius:

@@ -1,6 +1,5 @@
 """Regularisers: exact values on analytic fields over oblique grids, gradients, batches."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -24,7 +23,7 @@ from torch import nn
 from .filters import smooth_mm
 from .image import Image, resample
 from .spatial import Grid, sample
-from .transforms import Composite, LinearTransform, Transform, Affine, Translation
+from .transforms import Composite, LinearTransform, Transform, Affine
 
 __all__ = ["Level", "Stage", "Registration", "Result", "RegistrationError", "initial_translation"]
 
@@ -308,7 +307,9 @@ class Registration:
         progress: show a progress bar per stage and level (tqdm, on stderr).
         callbacks: called after every iteration with a dict (stage, level, iteration, objective,
             terms, transform).
-        seed: makes runs repeat exactly (CPU).
+        seed: seeds ``self.generator``, the random source for stochastic terms (none of the
+            built-in ones is: on CPU the engine repeats exactly by construction). The global
+            torch RNG is never touched.
     """
 
     def __init__(self, stages: Sequence[Stage], *, initialisation: str | None = "moments", normalise: bool = True,
@@ -321,6 +322,9 @@ class Registration:
         self.progress = progress
         self.callbacks = list(callbacks)
         self.seed = seed
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
 
     def __call__(self, fixed: Image, moving: Image, **kwargs) -> Result:
         return self.run(fixed, moving, **kwargs)
@@ -328,8 +332,6 @@ class Registration:
     def run(self, fixed: Image, moving: Image, *, fixed_mask: Image | None = None, moving_mask: Image | None = None,
             initial: Transform | None = None, device=None, dtype=torch.float32) -> Result:
         start = time.perf_counter()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         if fixed.ndim != moving.ndim:
             raise RegistrationError(f"cannot register a {moving.ndim}D moving image to a {fixed.ndim}D fixed image")
         if fixed.data.shape[1] != moving.data.shape[1]:
