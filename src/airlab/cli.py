@@ -44,8 +44,160 @@ def staged_output(outdir: Path, names: list[str], overwrite: bool):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="airlab")
-def main():
-    """airlab: image registration in physical space on PyTorch."""
+@click.option("--debug", is_flag=True, help="Show the full traceback of errors.")
+def main(debug: bool):
+    """airlab: image registration in physical space on PyTorch.
+
+    Transforms map fixed physical points to moving physical points (ITK's convention);
+    outputs are read by SimpleITK, ITK, ANTs (antsApplyTransforms) and 3D Slicer.
+    """
+
+
+REGISTER_OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "affine.txt", "metrics.json"]
+INTERPOLATION_CHOICES = ["linear", "nearest", "bspline", "label"]
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA device is available")
+    return name
+
+
+def _read(path: Path, what: str):
+    from .image import read_image
+
+    return read_image(path)
+
+
+@main.command()
+@click.argument("fixed", type=click.Path(exists=True, path_type=Path))
+@click.argument("moving", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
+@click.option("--preset", type=click.Choice(["rigid", "affine", "bspline", "diffeomorphic"]), default="diffeomorphic",
+              show_default=True, help="Pipeline: rigid; affine (rigid, affine); bspline or diffeomorphic "
+              "(rigid, affine, then a deformation).")
+@click.option("--metric", type=click.Choice(["mse", "ncc", "lncc", "mi", "nmi", "ngf"]), default=None,
+              help="Similarity of the deformable stage (default: mutual information, which works within and "
+              "across contrasts).")
+@click.option("--fixed-mask", type=click.Path(exists=True, path_type=Path), help="Only voxels inside it count.")
+@click.option("--moving-mask", type=click.Path(exists=True, path_type=Path), help="Only voxels inside it count.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the engine's random source.")
+@click.option("--quiet", is_flag=True, help="No progress bars or summary.")
+@click.option("--overwrite", is_flag=True, help="Replace airlab outputs already in OUTDIR (nothing else is touched).")
+def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, device, seed, quiet, overwrite):
+    """Register MOVING to FIXED; write warped.nii.gz (MOVING on FIXED's grid),
+    displacement.nii.gz (the whole transform as an ITK displacement field on FIXED's grid:
+    mm, LPS, fixed point -> moving point), affine.txt (the linear part, ITK format) and
+    metrics.json (what ran, objectives, timings, versions) into OUTDIR."""
+    import platform
+
+    import SimpleITK as sitk
+    import torch
+
+    from . import __version__
+    from .presets import preset as make_preset
+    from .registration import Registration
+    from .transforms import write_displacement_field, write_transform
+
+    start = time.perf_counter()
+    dev = _device(device)
+    names = list(REGISTER_OUTPUTS)
+    with staged_output(outdir, names, overwrite) as stage:
+        f = _read(fixed, "fixed")
+        m = _read(moving, "moving")
+        fm = _read(fixed_mask, "fixed mask") if fixed_mask else None
+        mm = _read(moving_mask, "moving mask") if moving_mask else None
+        registration = Registration(make_preset(preset, f.grid, metric=metric), progress=not quiet, seed=seed)
+        result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=dev)
+        with torch.no_grad():
+            warped = result.warp(m.to(dev) if m.data.is_floating_point() else m)
+        from .image import Image, write_image
+
+        out = warped.to("cpu")
+        if out.data.is_floating_point():
+            out = Image(out.data.float(), out.grid)
+        write_image(out, stage / "warped.nii.gz")
+        transform = result.transform.to("cpu")
+        write_displacement_field(transform, f.grid, stage / "displacement.nii.gz")
+        linear = result.linear_part()
+        if linear is not None:
+            write_transform(linear.to("cpu"), stage / "affine.txt")
+        metrics = {
+            "command": "register",
+            "fixed": str(fixed), "moving": str(moving),
+            "fixed_mask": str(fixed_mask) if fixed_mask else None,
+            "moving_mask": str(moving_mask) if moving_mask else None,
+            "preset": preset, "metric": metric or ("mi" if preset in ("bspline", "diffeomorphic") else None),
+            "device": dev, "seed": seed,
+            "stages": [{"stage": h["stage"], "level": h["level"], "shrink": h["shrink"], "sigma_mm": h["sigma_mm"],
+                        "grid_size": h["grid_size"], "iterations": h["iterations"],
+                        "final_objective": h["objective"][-1] if h["objective"] else None,
+                        "final_terms": h.get("final_terms", {}), "time_s": h["time_s"]} for h in result.history],
+            "registration_time_s": round(result.wall_time, 3),
+            "wall_time_s": round(time.perf_counter() - start, 3),
+            "versions": {"airlab": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
+                         "python": platform.python_version()},
+        }
+        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if not quiet:
+        click.echo(f"airlab register: {preset} in {metrics['registration_time_s']:.1f} s; results in {outdir}/")
+
+
+@main.command()
+@click.argument("image", type=click.Path(exists=True, path_type=Path))
+@click.option("-t", "--transform", "transform_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="An OUTDIR of 'airlab register' (its displacement.nii.gz), a displacement field, or an ITK "
+              "transform file (.txt, .tfm, .mat, .h5).")
+@click.option("-r", "--reference", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Image whose grid the result takes (the fixed image).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output image file.")
+@click.option("--interpolation", type=click.Choice(INTERPOLATION_CHOICES), default=None,
+              help="Default: nearest for integer (label) images, linear otherwise. 'label' moves label "
+              "boundaries smoothly.")
+@click.option("--points", type=click.Path(exists=True, path_type=Path),
+              help="Also map landmarks: a CSV of physical x,y[,z] (mm, LPS) in the reference's space; the "
+              "mapped points are written next to OUT as <OUT stem>_points.csv.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def warp(image, transform_path, reference, output, interpolation, points, overwrite):
+    """Apply a found transform to IMAGE, resampling it onto REFERENCE's grid."""
+    import numpy as np
+    import torch
+
+    from .image import resample, write_image
+    from .transforms import read_transform
+
+    path = transform_path / "displacement.nii.gz" if transform_path.is_dir() else transform_path
+    if not path.exists():
+        raise click.UsageError(f"{transform_path} holds no displacement.nii.gz")
+    output = Path(output)
+    points_out = output.with_name(output.name.split(".")[0] + "_points.csv") if points else None
+    names = [output.name] + ([points_out.name] if points_out else [])
+    with staged_output(output.parent if str(output.parent) else Path("."), names, overwrite) as stage:
+        moving = _read(image, "image")
+        ref = _read(reference, "reference")
+        transform = read_transform(path, dtype=torch.float64)
+        if transform.ndim != moving.ndim or ref.ndim != moving.ndim:
+            raise click.ClickException(
+                f"dimensions differ: image {moving.ndim}D, reference {ref.ndim}D, transform {transform.ndim}D"
+            )
+        with torch.no_grad():
+            out = resample(moving.to(torch.float64) if moving.data.is_floating_point() else moving, ref.grid,
+                           transform, interpolation=interpolation)
+        if out.data.is_floating_point():
+            out = out.to(torch.float32)
+        write_image(out, stage / output.name)
+        if points_out:
+            table = _read_points(points)
+            if table.shape[1] != moving.ndim or not np.isfinite(table).all():
+                raise click.ClickException(f"{points}: expected {moving.ndim} finite numbers per row (x,y[,z] in mm)")
+            mapped = transform.transform_points(table)
+            header = ",".join("xyz"[: moving.ndim])
+            np.savetxt(stage / points_out.name, mapped, delimiter=",", header=header, comments="", fmt="%.6f")
 
 
 DEMO_OUTPUTS = ["fixed.nii.gz", "moving.nii.gz", "warped.nii.gz", "displacement.nii.gz", "affine.txt", "metrics.json"]
@@ -115,17 +267,48 @@ def demo(outdir: Path, seed: int, overwrite: bool):
     click.echo(f"  wall time {metrics['wall_time_s']:.1f} s")
 
 
+def _read_points(path: Path):
+    """Rows of x,y[,z] (mm); a first row of column names is skipped."""
+    import numpy as np
+
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if lines and any(c.isalpha() for c in lines[0].replace("e", "").replace("E", "")):
+        lines = lines[1:]
+    try:
+        return np.array([[float(v) for v in ln.split(",")] for ln in lines], dtype=float).reshape(len(lines), -1)
+    except ValueError as exc:
+        raise click.ClickException(f"{path}: not a CSV of numbers ({exc})") from None
+
+
 def run():  # pragma: no cover - console entry point with friendly errors
+    debug = "--debug" in sys.argv[1:]
     try:
         code = main(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.UsageError as exc:
+        if debug:
+            raise
         click.echo(f"airlab: error: {exc.format_message()}", err=True)
         sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        click.echo(f"airlab: error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_FAILURE)
     except click.exceptions.Abort:
         sys.exit(EXIT_FAILURE)
+    except (MemoryError, RuntimeError) as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split())
+        if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+            text = f"out of memory ({text or 'MemoryError'}); try --device cpu or smaller images"
+        click.echo(f"airlab: error: {text}", err=True)
+        sys.exit(EXIT_FAILURE)
     except Exception as exc:  # noqa: BLE001 - one line, no traceback, for users
-        click.echo(f"airlab: error: {exc}", err=True)
+        if debug:
+            raise
+        click.echo(f"airlab: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_FAILURE)
