@@ -45,14 +45,14 @@ def test_python_blocks_run(tmp_path, monkeypatch):
 @pytest.mark.skipif(shutil.which("airlab") is None, reason="console script not installed")
 def test_demo_command(tmp_path):
     out = tmp_path / "demo"
-    done = subprocess.run(["airlab", "demo", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["airlab", "demo", "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["sitk_vs_airlab_max_abs_difference"] < 1e-4 * metrics["intensity_range"]
-    assert metrics["inverse_residual_in_brain_mm"] < 1e-3
+    assert metrics["endpoint_error_mm"]["mean"] < 0.35 and metrics["folding_voxels"] == 0
     # a second run refuses to overwrite, exits 2 with one line, and leaves the files alone
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = subprocess.run(["airlab", "demo", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    again = subprocess.run(["airlab", "demo", "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
