@@ -21,6 +21,20 @@ def _check_field(field: torch.Tensor, grid: Grid, name: str = "displacement") ->
     return field
 
 
+def field_parameter(value, grid: Grid, batch_size: int, dtype=None, name: str = "displacement") -> nn.Parameter:
+    """A vector field ``[N, D, *grid.shape]`` as a parameter: zeros when ``value`` is None; a
+    single field ``[D, *shape]`` is repeated over the batch."""
+    if value is None:
+        return nn.Parameter(torch.zeros(batch_size, grid.ndim, *grid.shape, dtype=dtype or torch.get_default_dtype()))
+    value = torch.as_tensor(value, dtype=dtype)
+    if value.dim() == grid.ndim + 1:
+        value = value.unsqueeze(0).expand(batch_size, *value.shape)
+    _check_field(value, grid, name)
+    if value.shape[0] != batch_size:
+        raise ValueError(f"{name} batch {value.shape[0]} != batch_size {batch_size}")
+    return nn.Parameter(value.detach().clone())
+
+
 def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
     """Displacement ``[N, *P, D]`` of ``field [N, D, *grid.shape]`` at physical ``points``.
 
@@ -76,16 +90,7 @@ class DisplacementField(Transform):
     def __init__(self, grid: Grid, batch_size: int = 1, displacement=None, dtype=None):
         super().__init__(grid.ndim, batch_size)
         self.grid = grid
-        if displacement is None:
-            displacement = torch.zeros(batch_size, grid.ndim, *grid.shape, dtype=dtype or torch.get_default_dtype())
-        else:
-            displacement = torch.as_tensor(displacement, dtype=dtype)
-            if displacement.dim() == grid.ndim + 1:
-                displacement = displacement.unsqueeze(0).expand(batch_size, *displacement.shape)
-            _check_field(displacement, grid)
-            if displacement.shape[0] != batch_size:
-                raise ValueError(f"displacement batch {displacement.shape[0]} != batch_size {batch_size}")
-        self.field = nn.Parameter(displacement.detach().clone())
+        self.field = field_parameter(displacement, grid, batch_size, dtype)
         self.residual: torch.Tensor | None = None
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 from ..spatial import Grid
 from .base import Transform
 from .bspline import BSplineTransform
-from .dense import _check_field, compose_displacements, sample_field
+from .dense import compose_displacements, field_parameter, sample_field
 
 __all__ = ["StationaryVelocityField", "BSplineVelocityField", "exponential"]
 
@@ -38,16 +38,7 @@ class StationaryVelocityField(Transform):
         self.grid = grid
         self.steps = steps
         self.sign = 1.0
-        if velocity is None:
-            velocity = torch.zeros(batch_size, grid.ndim, *grid.shape, dtype=dtype or torch.get_default_dtype())
-        else:
-            velocity = torch.as_tensor(velocity, dtype=dtype)
-            if velocity.dim() == grid.ndim + 1:
-                velocity = velocity.unsqueeze(0).expand(batch_size, *velocity.shape)
-            _check_field(velocity, grid, "velocity")
-            if velocity.shape[0] != batch_size:
-                raise ValueError(f"velocity batch {velocity.shape[0]} != batch_size {batch_size}")
-        self.velocity = nn.Parameter(velocity.detach().clone())
+        self.velocity = field_parameter(velocity, grid, batch_size, dtype, "velocity")
 
     def velocity_field(self) -> torch.Tensor:
         """The velocity ``[N, D, *grid.shape]`` (mm) that is exponentiated."""
