@@ -11,7 +11,7 @@ import torch
 
 import airlab as al
 from airlab.datasets import example_path
-from airlab.synthetic import random_deformation
+from airlab.synthetic import ground_truth, random_deformation
 
 FIXED = example_path("mni152_t1_1mm_axial")
 
@@ -27,11 +27,18 @@ def registered(tmp_path_factory):
     """The 1 mm MNI slice and a deformed copy, registered once with the default preset."""
     root = tmp_path_factory.mktemp("cli")
     fixed = al.read_image(FIXED).to(torch.float32)
+    deformation = random_deformation(fixed.grid, 3)
     with torch.no_grad():
-        moving = al.resample(fixed, fixed.grid, random_deformation(fixed.grid, 3))
+        moving = al.resample(fixed, fixed.grid, deformation)
     al.write_image(moving, root / "moving.nii.gz")
     labels = al.Image((fixed.data > 60).to(torch.int16) + (fixed.data > 120).to(torch.int16), fixed.grid)
     al.write_image(labels, root / "labels.nii.gz")
+    with torch.no_grad():
+        al.write_image(al.resample(labels, fixed.grid, deformation), root / "moving_labels.nii.gz")
+    truth, _ = ground_truth(deformation, fixed.grid)
+    points = np.array([[10.0, -20.0], [0.0, 0.0], [-30.5, 15.25], [40.0, 30.0]])
+    np.savetxt(root / "fixed_points.csv", points, delimiter=",", header="x,y", comments="")
+    np.savetxt(root / "moving_points.csv", truth.transform_points(points), delimiter=",", header="x,y", comments="")
     code, out, err = airlab("register", FIXED, root / "moving.nii.gz", "-o", root / "out", "--quiet")
     assert code == 0, err
     return root
@@ -100,6 +107,21 @@ def test_affine_preset_3d_with_masks(tmp_path):
     assert np.allclose([affine.TransformPoint(p) for p in pts], pts, atol=0.2)  # itself: identity
 
 
+def test_evaluate_measures(registered, tmp_path):
+    code, out, err = airlab("evaluate", "-t", registered / "out", "--fixed-labels", registered / "labels.nii.gz",
+                            "--moving-labels", registered / "moving_labels.nii.gz", "--fixed-points",
+                            registered / "fixed_points.csv", "--moving-points", registered / "moving_points.csv",
+                            "--json", tmp_path / "m.json")
+    assert code == 0, err
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["folding_voxels"] == 0 and report["log_jacobian_std"] > 0
+    assert report["dice"]["2"] > 0.9 and set(report["dice"]) == {"1", "2", "mean"}
+    assert report["tre_mm"]["mean"] < 0.5 < report["tre_before_mm"]["mean"]
+    assert "Dice 2" in out and "TRE" in out
+    code, _, err = airlab("evaluate", "-t", registered / "out", "--fixed-labels", registered / "labels.nii.gz")
+    assert code == 2 and "go together" in err
+
+
 # --------------------------------------------------------------------------- bad input
 def _one_line(err):
     lines = err.strip().splitlines()
@@ -162,7 +184,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_help_is_complete():
-    for cmd in ([], ["register"], ["warp"], ["demo"]):
+    for cmd in ([], ["register"], ["warp"], ["evaluate"], ["demo"]):
         code, out, _ = airlab(*cmd, "--help")
         assert code == 0 and "Usage" in out
     _, out, _ = airlab("register", "--help")

@@ -275,6 +275,88 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
                f"{metrics['sitk_vs_airlab_max_abs_difference']:.2e} (intensity range {metrics['intensity_range']:.0f})")
 
 
+@main.command()
+@click.option("-t", "--transform", "transform_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="An OUTDIR of 'airlab register' or its displacement.nii.gz (a displacement field on the fixed grid).")
+@click.option("--fixed-labels", type=click.Path(exists=True, path_type=Path), help="Label map on the fixed image.")
+@click.option("--moving-labels", type=click.Path(exists=True, path_type=Path),
+              help="Label map on the moving image; warped onto the fixed grid (nearest) and compared.")
+@click.option("--labels", "label_list", type=str, help="Comma-separated labels to score (default: all non-zero).")
+@click.option("--fixed-points", type=click.Path(exists=True, path_type=Path), help="CSV of x,y[,z] (mm) in fixed space.")
+@click.option("--moving-points", type=click.Path(exists=True, path_type=Path),
+              help="CSV of the corresponding x,y[,z] (mm) in moving space, same order.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the measures as JSON here.")
+@click.option("--overwrite", is_flag=True, help="Replace the JSON file if it exists.")
+def evaluate(transform_path, fixed_labels, moving_labels, label_list, fixed_points, moving_points, json_path, overwrite):
+    """Measure a registration the way Learn2Reg does: Dice and HD95 per label (with
+    --fixed-labels/--moving-labels), folding (% of voxels with a non-positive Jacobian
+    determinant) and the standard deviation of the log-Jacobian, and TRE for landmark pairs
+    (with --fixed-points/--moving-points)."""
+    import torch
+
+    from .evaluate import dice, hd95, jacobian_stats, tre
+    from .image import resample
+    from .transforms import read_displacement_field
+
+    if (fixed_labels is None) != (moving_labels is None):
+        raise click.UsageError("--fixed-labels and --moving-labels go together")
+    if (fixed_points is None) != (moving_points is None):
+        raise click.UsageError("--fixed-points and --moving-points go together")
+    path = transform_path / "displacement.nii.gz" if transform_path.is_dir() else transform_path
+    if not path.exists():
+        raise click.UsageError(f"{transform_path} holds no displacement.nii.gz")
+    field = read_displacement_field(path, dtype=torch.float64)
+    grid = field.grid
+    jac = jacobian_stats(field.field.detach()[0].numpy(), grid)
+    report = {"transform": str(path), "folding_percent": 100.0 * jac["folding_fraction"],
+              "folding_voxels": jac["folding_count"], "log_jacobian_std": jac["log_jacobian_std"],
+              "jacobian_min": jac["det_min"], "jacobian_max": jac["det_max"]}
+    if fixed_labels is not None:
+        fl, ml = _read(fixed_labels, "fixed labels"), _read(moving_labels, "moving labels")
+        for what, img in (("fixed", fl), ("moving", ml)):
+            if not img.is_label:
+                raise click.ClickException(f"the {what} labels are not an integer label map")
+            if img.ndim != grid.ndim:
+                raise click.ClickException(f"the {what} labels are {img.ndim}D, the transform is {grid.ndim}D")
+        if not fl.grid.same_as(grid, atol=1e-4):
+            raise click.ClickException("the fixed labels are not on the transform's (fixed) grid")
+        wanted = [int(v) for v in label_list.split(",")] if label_list else None
+        with torch.no_grad():
+            warped = resample(ml, grid, field, interpolation="nearest")
+        a, b = warped.data[0, 0].numpy(), fl.data[0, 0].numpy()
+        report["dice"] = {str(k): v for k, v in dice(a, b, labels=wanted).items()}
+        report["hd95_mm"] = {str(k): v for k, v in hd95(a, b, grid, labels=wanted).items()}
+    if fixed_points is not None:
+        fp, mp = _read_points(fixed_points), _read_points(moving_points)
+        if fp.shape != mp.shape or fp.shape[1] != grid.ndim:
+            raise click.ClickException(
+                f"landmark files differ in shape {fp.shape} vs {mp.shape} or are not {grid.ndim}D"
+            )
+        report["tre_mm"] = tre(field.transform_points(fp), mp)
+        report["tre_before_mm"] = tre(fp, mp)
+    if json_path is not None:
+        json_path = Path(json_path)
+        with staged_output(json_path.parent if str(json_path.parent) else Path("."), [json_path.name], overwrite) as st:
+            (st / json_path.name).write_text(json.dumps(report, indent=2))
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    rows = [("folding (% of voxels)", f"{report['folding_percent']:.4f}"),
+            ("SD of log-Jacobian", f"{report['log_jacobian_std']:.4f}"),
+            ("Jacobian min / max", f"{report['jacobian_min']:.3f} / {report['jacobian_max']:.3f}")]
+    for label, value in report.get("dice", {}).items():
+        rows.append((f"Dice {label}", f"{value:.4f}"))
+    for label, value in report.get("hd95_mm", {}).items():
+        rows.append((f"HD95 {label} (mm)", f"{value:.3f}"))
+    if "tre_mm" in report:
+        rows.append(("TRE mean / p95 (mm)", f"{report['tre_mm']['mean']:.3f} / {report['tre_mm']['p95']:.3f}"))
+        rows.append(("TRE before (mm)", f"{report['tre_before_mm']['mean']:.3f}"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+
+
 def _read_points(path: Path):
     """Rows of x,y[,z] (mm); a first row of column names is skipped."""
     import numpy as np
