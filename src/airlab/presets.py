@@ -87,7 +87,8 @@ def preset(name: str, fixed_grid: Grid, *, metric: str | None = None) -> list[St
     if name == "affine":
         return stages
     deformable = metric or _DEFAULT_DEFORMABLE_METRIC
-    levels = pyramid(fixed_grid, [100, 100, 80])
+    # most of the work at coarse levels: full-resolution steps cost the most and add little
+    levels = pyramid(fixed_grid, [100, 100, 60, 25])
     # control points every 5 voxels of the finest level, twice that per coarser level
     spacing = 5.0 * float(np.mean(fixed_grid.spacing)) * 2 ** (len(levels) - 1)
     if name == "bspline":
