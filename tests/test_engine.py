@@ -210,3 +210,11 @@ def test_symmetric_velocity_stage(pair):
         stages = preset("bspline", fixed.grid)
         stages[-1].symmetric = True
         _quick(stages)(fixed, moving)
+
+
+@pytest.mark.parametrize("metric", ["mse", "ncc", "lncc", "mi", "nmi", "ngf"])
+def test_every_metric_registers(pair, metric):
+    fixed, moving, truth = pair
+    result = _quick(preset("bspline", fixed.grid, metric=metric))(fixed, moving)
+    affine = _quick(preset("affine", fixed.grid))(fixed, moving)
+    assert _epe(result.transform, truth, fixed) < 0.7 * _epe(affine.transform, truth, fixed)
