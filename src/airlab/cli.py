@@ -67,7 +67,7 @@ def _device(name: str):
     return name
 
 
-def _read(path: Path, what: str):
+def _read(path: Path):
     from .image import read_image
 
     return read_image(path)
@@ -97,10 +97,10 @@ def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, dev
     start = time.perf_counter()
     dev = _device(device)
     with staged_output(outdir, list(REGISTER_OUTPUTS), overwrite) as stage:
-        f = _read(fixed, "fixed")
-        m = _read(moving, "moving")
-        fm = _read(fixed_mask, "fixed mask") if fixed_mask else None
-        mm = _read(moving_mask, "moving mask") if moving_mask else None
+        f = _read(fixed)
+        m = _read(moving)
+        fm = _read(fixed_mask) if fixed_mask else None
+        mm = _read(moving_mask) if moving_mask else None
         metrics = _register_into(stage, f, m, fm, mm, preset=preset, metric=metric, device=dev, seed=seed,
                                  quiet=quiet)
         metrics.update({"fixed": str(fixed), "moving": str(moving),
@@ -186,8 +186,8 @@ def warp(image, transform_path, reference, output, interpolation, points, overwr
     points_out = output.with_name(output.name.split(".")[0] + "_points.csv") if points else None
     names = [output.name] + ([points_out.name] if points_out else [])
     with staged_output(output.parent if str(output.parent) else Path("."), names, overwrite) as stage:
-        moving = _read(image, "image")
-        ref = _read(reference, "reference")
+        moving = _read(image)
+        ref = _read(reference)
         transform = read_transform(path, dtype=torch.float64)
         if transform.ndim != moving.ndim or ref.ndim != moving.ndim:
             raise click.ClickException(
@@ -312,7 +312,7 @@ def evaluate(transform_path, fixed_labels, moving_labels, label_list, fixed_poin
               "folding_voxels": jac["folding_count"], "log_jacobian_std": jac["log_jacobian_std"],
               "jacobian_min": jac["det_min"], "jacobian_max": jac["det_max"]}
     if fixed_labels is not None:
-        fl, ml = _read(fixed_labels, "fixed labels"), _read(moving_labels, "moving labels")
+        fl, ml = _read(fixed_labels), _read(moving_labels)
         for what, img in (("fixed", fl), ("moving", ml)):
             if not img.is_label:
                 raise click.ClickException(f"the {what} labels are not an integer label map")

@@ -40,7 +40,7 @@ def pyramid(grid: Grid, iterations: list[int] | int, *, finest: int = 1, coarses
     return [Level(shrink=f, sigma=0.5 * spacing * f if f > 1 else 0.0, iterations=n) for f, n in zip(factors, iterations)]
 
 
-def _loss(metric: str, grid: Grid):
+def _loss(metric: str):
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
     if metric == "lncc":
@@ -75,14 +75,14 @@ def preset(name: str, fixed_grid: Grid, *, metric: str | None = None) -> list[St
     d = fixed_grid.ndim
     lin = _linear_metric(metric)
     stages = [
-        Stage(lambda g, n: Rigid(d, n), [(1.0, _loss(lin, fixed_grid))], levels=pyramid(fixed_grid, [100, 60], finest=2),
+        Stage(lambda g, n: Rigid(d, n), [(1.0, _loss(lin))], levels=pyramid(fixed_grid, [100, 60], finest=2),
               lr=0.5, name="rigid")
     ]
     if name == "rigid":
         stages[0].levels = pyramid(fixed_grid, [100, 60, 40])
         return stages
     affine_levels = pyramid(fixed_grid, [100, 60, 40]) if name == "affine" else pyramid(fixed_grid, [100, 60], finest=2)
-    stages.append(Stage(lambda g, n: Affine(d, n), [(1.0, _loss(lin, fixed_grid))], levels=affine_levels, lr=0.2,
+    stages.append(Stage(lambda g, n: Affine(d, n), [(1.0, _loss(lin))], levels=affine_levels, lr=0.2,
                         name="affine"))
     if name == "affine":
         return stages
@@ -92,12 +92,12 @@ def preset(name: str, fixed_grid: Grid, *, metric: str | None = None) -> list[St
     # control points every 5 voxels of the finest level, twice that per coarser level
     spacing = 5.0 * float(np.mean(fixed_grid.spacing)) * 2 ** (len(levels) - 1)
     if name == "bspline":
-        stages.append(Stage(lambda g, n: BSplineTransform(g, spacing, n), [(1.0, _loss(deformable, fixed_grid))],
+        stages.append(Stage(lambda g, n: BSplineTransform(g, spacing, n), [(1.0, _loss(deformable))],
                             [(0.1, BendingEnergy())], levels=levels, optimizer="field-adam", lr=0.25, on_level=_refine_after_first,
                             regulariser_shrink=2, name="bspline"))
     else:
         stages.append(Stage(lambda g, n: BSplineVelocityField(g, spacing, n, steps=6, domain=g),
-                            [(1.0, _loss(deformable, fixed_grid))], [(0.1, BendingEnergy()), (0.01, Diffusion())],
+                            [(1.0, _loss(deformable))], [(0.1, BendingEnergy()), (0.01, Diffusion())],
                             levels=levels, optimizer="field-adam", lr=0.25, on_level=_velocity_on_level, regulariser_shrink=2,
                             name="diffeomorphic"))
     return stages
