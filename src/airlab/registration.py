@@ -425,7 +425,8 @@ class Registration:
         if data.fixed_weight is not None:
             weight = weight * data.fixed_weight
         if data.moving_mask is not None:
-            weight = weight * sample(data.moving_mask, data.moving_grid, y, "linear", outside=0.0)
+            # detached: masks say which voxels count; the optimiser must not gain by moving them
+            weight = weight * sample(data.moving_mask, data.moving_grid, y.detach(), "linear", outside=0.0)
         if float(weight.flatten(1).sum(1).min()) < 1.0:
             raise RegistrationError("the images do not overlap: no fixed voxel maps inside the moving image")
         terms = {}
