@@ -190,3 +190,11 @@ def test_help_is_complete():
     _, out, _ = airlab("register", "--help")
     for option in ("--preset", "--metric", "--fixed-mask", "--moving-mask", "--device", "--seed", "--quiet", "--overwrite"):
         assert option in out
+
+
+def test_progress_in_logs_is_one_line_per_level(registered, tmp_path):
+    code, out, err = airlab("register", FIXED, registered / "moving.nii.gz", "-o", tmp_path / "o", "--preset", "rigid")
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert lines and all(ln.startswith("rigid level ") and "iterations" in ln for ln in lines)
+    assert "\r" not in err and "results in" in out

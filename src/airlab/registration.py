@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -304,7 +305,8 @@ class Registration:
         initialisation: ``"moments"`` (centres of mass), ``"centres"`` (grid centres) or ``None``;
             used when the first stage's transform is linear and no ``initial`` transform is given.
         normalise: rescale intensities (1st..99th percentile -> 0..1) before registering.
-        progress: show a progress bar per stage and level (tqdm, on stderr).
+        progress: report progress on stderr: a bar per stage and level on a terminal (tqdm), one
+            line per level otherwise (logs).
         callbacks: called after every iteration with a dict (stage, level, iteration, objective,
             terms, transform).
         seed: seeds ``self.generator``, the random source for stochastic terms (none of the
@@ -457,11 +459,12 @@ class Registration:
             )
         values: list[float] = []
         bar = None
-        if self.progress and level.iterations > 0:
+        label = f"{stage.name} level {li + 1}/{len(stage.levels)}"
+        interactive = self.progress and sys.stderr.isatty()
+        if interactive and level.iterations > 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=level.iterations, desc=f"{stage.name} level {li + 1}/{len(stage.levels)}",
-                       leave=False, dynamic_ncols=True, mininterval=0.5)
+            bar = tqdm(total=level.iterations, desc=label, leave=False, dynamic_ncols=True, mininterval=0.5)
         level_start = time.perf_counter()
         terms = {}
         try:
@@ -494,6 +497,10 @@ class Registration:
         finally:
             if bar is not None:
                 bar.close()
+        if self.progress and not interactive and values:
+            # logs get one line per level instead of a redrawn bar
+            print(f"{label}: {len(values)} iterations, objective {values[-1]:.5g}, "
+                  f"{time.perf_counter() - level_start:.1f} s", file=sys.stderr, flush=True)
         return {"stage": stage.name, "level": li, "shrink": level.shrink, "sigma_mm": level.sigma,
                 "grid_size": list(data.grid.size), "iterations": len(values), "objective": values,
                 "final_terms": {k: v.tolist() for k, v in terms.items()},
