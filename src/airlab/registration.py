@@ -23,7 +23,7 @@ from torch import nn
 
 from .filters import smooth_mm
 from .image import Image, resample
-from .spatial import Grid, sample
+from .spatial import Grid, inside, sample
 from .transforms import Composite, LinearTransform, Transform, Affine
 
 __all__ = ["Level", "Stage", "Registration", "Result", "RegistrationError", "initial_translation"]
@@ -421,9 +421,8 @@ class Registration:
         if previous is not None:
             y = previous(y)
         warped = sample(data.moving, data.moving_grid, y, "linear", outside=None)
-        index = data.moving_grid.physical_to_index(y)
-        hi = torch.as_tensor([n - 0.5 for n in data.moving_grid.size], dtype=y.dtype, device=y.device)
-        weight = ((index >= -0.5) & (index < hi)).all(-1).unsqueeze(1).to(warped.dtype)
+        index = data.moving_grid.physical_to_index(y.detach())
+        weight = inside(index, data.moving_grid.size).unsqueeze(1).to(warped.dtype)
         if data.fixed_weight is not None:
             weight = weight * data.fixed_weight
         if data.moving_mask is not None:

@@ -221,7 +221,7 @@ def _broadcast_batch(data: torch.Tensor, points: torch.Tensor):
     return data.expand(n, *data.shape[1:]), points.expand(n, *points.shape[1:])
 
 
-def _inside(index: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def inside(index: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """ITK's buffer test: a continuous index is inside if -0.5 <= i < size - 0.5 on every axis."""
     hi = torch.as_tensor([s - 0.5 for s in size], dtype=index.dtype, device=index.device)
     return ((index >= -0.5) & (index < hi)).all(dim=-1)
@@ -330,8 +330,8 @@ def sample(
 
         out = bspline_interpolate(data, index)
     if outside is not None:
-        inside = _inside(index, grid.size).unsqueeze(1)
+        keep = inside(index, grid.size).unsqueeze(1)
         fill = torch.as_tensor(outside, dtype=out.dtype, device=out.device)
-        out = torch.where(inside, out, fill)
+        out = torch.where(keep, out, fill)
     return out.reshape(*out.shape[:2], *middle)
 
