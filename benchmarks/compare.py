@@ -381,7 +381,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs per case and tool; time is their median")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for airlab and FireANTs")
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds one tool process may take")
+    parser.add_argument("--timeout", type=float, default=14400.0, help="seconds one tool process may take")
     parser.add_argument("--quick", action="store_true", help="smoke run: cases 2d,mni2 and one repeat")
     args = parser.parse_args()
     if args.quick:

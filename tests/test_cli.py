@@ -47,7 +47,9 @@ def registered(tmp_path_factory):
 def test_register_writes_the_contract(registered):
     out = registered / "out"
     assert sorted(p.name for p in out.iterdir()) == ["affine.txt", "displacement.nii.gz", "metrics.json",
-                                                       "warped.nii.gz"]
+                                                       "report.html", "report.png", "warped.nii.gz"]
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["preset"] == "diffeomorphic" and metrics["device"] == "cpu"
     assert [s["stage"] for s in metrics["stages"]][-1] == "diffeomorphic"
@@ -197,4 +199,21 @@ def test_progress_in_logs_is_one_line_per_level(registered, tmp_path):
     assert code == 0, err
     lines = err.strip().splitlines()
     assert lines and all(ln.startswith("rigid level ") and "iterations" in ln for ln in lines)
-    assert "\r" not in err and "results in" in out
+    assert "\r" not in err and "results in" in out and "report.html" in out
+
+
+def test_demo_says_where_the_report_is(tmp_path, monkeypatch):
+    """The demo in-process, each stage cut to its coarsest level and a few iterations: quick."""
+    from dataclasses import replace
+
+    from click.testing import CliRunner
+
+    from airlab import cli, presets
+
+    full = presets.preset
+    monkeypatch.setattr(presets, "preset", lambda *a, **k: [replace(s, levels=[replace(s.levels[0], iterations=3)])
+                                                            for s in full(*a, **k)])
+    done = CliRunner().invoke(cli.main, ["demo", "-o", str(tmp_path / "d"), "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert f"report: {tmp_path / 'd' / 'report.html'}" in done.output
+    assert (tmp_path / "d" / "report.png").exists() and not list(tmp_path.glob(".airlab-*"))

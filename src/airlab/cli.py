@@ -53,7 +53,7 @@ def main(debug: bool):
     """
 
 
-REGISTER_OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "affine.txt", "metrics.json"]
+REGISTER_OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "affine.txt", "metrics.json", "report.png", "report.html"]
 INTERPOLATION_CHOICES = ["linear", "nearest", "bspline", "label"]
 
 
@@ -93,7 +93,10 @@ def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, dev
     """Register MOVING to FIXED; write warped.nii.gz (MOVING on FIXED's grid),
     displacement.nii.gz (the whole transform as an ITK displacement field on FIXED's grid:
     mm, LPS, fixed point -> moving point), affine.txt (the linear part, ITK format) and
-    metrics.json (what ran, objectives, timings, versions) into OUTDIR."""
+    metrics.json (what ran, objectives, timings, versions) into OUTDIR, and a visual check of the
+    result: report.png and report.html (self-contained)."""
+    from .report import write_report
+
     start = time.perf_counter()
     dev = _device(device)
     with staged_output(outdir, list(REGISTER_OUTPUTS), overwrite) as stage:
@@ -107,15 +110,17 @@ def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, dev
                         "fixed_mask": str(fixed_mask) if fixed_mask else None,
                         "moving_mask": str(moving_mask) if moving_mask else None,
                         "wall_time_s": round(time.perf_counter() - start, 3)})
-        metrics.pop("_result")
+        result, warped = metrics.pop("_result"), metrics.pop("_warped")
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_report(stage, f, m, warped, result.transform, result.history, metrics)  # after the final metrics
     if not quiet:
-        click.echo(f"airlab register: {preset} in {metrics['registration_time_s']:.1f} s; results in {outdir}/")
+        click.echo(f"airlab register: {preset} in {metrics['registration_time_s']:.1f} s; results in {outdir}/ "
+                   f"(report: {outdir / 'report.html'})")
 
 
 def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, quiet):
     """Register and write warped.nii.gz, displacement.nii.gz and affine.txt into ``stage``;
-    return the metrics (what ran, objectives, timings, versions) and the result."""
+    return the metrics (what ran, objectives, timings, versions), the result and the warped image."""
     import platform
 
     import SimpleITK as sitk
@@ -153,6 +158,7 @@ def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, q
         "versions": {"airlab": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
                      "python": platform.python_version()},
         "_result": result,
+        "_warped": warped,
     }
 
 
@@ -232,6 +238,7 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
     from . import resample, write_image
     from .datasets import mni152
     from .evaluate import endpoint_error, jacobian_stats
+    from .report import write_report
     from .synthetic import ground_truth, random_deformation
 
     start = time.perf_counter()
@@ -247,7 +254,7 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
         write_image(moving, stage / "moving.nii.gz")
         metrics = _register_into(stage, fixed, moving, None, None, preset=preset, metric=None, device="cpu",
                                  seed=0, quiet=quiet)
-        result = metrics.pop("_result")
+        result, warped = metrics.pop("_result"), metrics.pop("_warped")
         with torch.no_grad():
             found = result.transform.displacement(fixed.grid)[0].numpy()
         error = endpoint_error(found, truth.field[0].numpy(), mask=brain)
@@ -267,12 +274,14 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
             "wall_time_s": round(time.perf_counter() - start, 3),
         })
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    click.echo(f"airlab demo: results in {outdir}/ (fixed, moving, warped, displacement, affine, metrics)")
+        write_report(stage, fixed, moving, warped, torch.as_tensor(found), result.history, metrics)
+    click.echo(f"airlab demo: results in {outdir}/ (fixed, moving, warped, displacement, affine, metrics, report)")
     click.echo(f"  {preset}: {metrics['registration_time_s']:.1f} s; known deformation up to "
                f"{metrics['known_displacement_max_mm']:.1f} mm; error in the brain {error['mean']:.2f} mm mean, "
                f"{error['p95']:.2f} mm 95th percentile; {metrics['folding_voxels']} folded voxels")
     click.echo(f"  SimpleITK resampling with displacement.nii.gz vs warped.nii.gz: max difference "
                f"{metrics['sitk_vs_airlab_max_abs_difference']:.2e} (intensity range {metrics['intensity_range']:.0f})")
+    click.echo(f"  report: {outdir / 'report.html'}")
 
 
 @main.command()
