@@ -218,3 +218,34 @@ def test_every_metric_registers(pair, metric):
     result = _quick(preset("bspline", fixed.grid, metric=metric))(fixed, moving)
     affine = _quick(preset("affine", fixed.grid))(fixed, moving)
     assert _epe(result.transform, truth, fixed) < 0.7 * _epe(affine.transform, truth, fixed)
+
+
+@pytest.mark.parametrize("name", ["bspline", "diffeomorphic"])
+def test_a_batch_ends_where_its_pairs_end_alone(slice2mm, name):
+    """N pairs through the batch dimension give the N single results: per-pair early stopping
+    freezes a converged pair while the others go on (the tolerance here makes them stop at
+    different iterations)."""
+    fixed = slice2mm
+    movings = []
+    for seed in (4, 5, 6):
+        with torch.no_grad():
+            movings.append(al.resample(fixed, fixed.grid, random_deformation(fixed.grid, seed)).data)
+
+    def stages():
+        out = preset(name, fixed.grid)
+        for stage in out:
+            stage.tolerance, stage.patience = 2e-3, 5
+            for level in stage.levels:
+                level.iterations = min(level.iterations, 30)
+        return out
+
+    batched = Registration(stages(), progress=False)(fixed, al.Image(torch.cat(movings), fixed.grid))
+    singles = [Registration(stages(), progress=False)(fixed, al.Image(m, fixed.grid)) for m in movings]
+    iterations = [[h["iterations"] for h in r.history] for r in singles]
+    assert len({tuple(i) for i in iterations}) > 1, "the pairs should stop at different iterations"
+    assert [h["iterations"] for h in batched.history] == [max(col) for col in zip(*iterations)]
+    with torch.no_grad():
+        together = batched.transform.displacement(fixed.grid)
+        for n, single in enumerate(singles):
+            alone = single.transform.displacement(fixed.grid)[0]
+            assert (together[n] - alone).abs().max() < 1e-3, f"pair {n}"

@@ -1,5 +1,6 @@
 """Regularisers: exact values on analytic fields over oblique grids, gradients, batches."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,3 +157,18 @@ def test_errors():
         diffusion(torch.zeros(1, 2, 2, 6), Grid((6, 2)))
     with pytest.raises(ValueError, match="eps must be positive"):
         TotalVariation(eps=0)
+
+
+@pytest.mark.parametrize("sheared", [False, True])
+def test_norm_shortcut_matches_physical_derivatives(sheared):
+    """Diffusion and bending skip the rotation to physical axes on orthonormal grids; they must
+    equal the Frobenius norms of the physical Jacobian and Hessian all the same."""
+    rng = np.random.default_rng(5)
+    grid = oblique_grid(3, rng, size=(9, 8, 7))
+    if sheared:
+        m = grid.direction_matrix.copy()
+        m[:, 0] += 0.3 * m[:, 1]
+        grid = Grid(grid.size, grid.spacing, grid.origin, m.ravel())
+    u = torch.as_tensor(rng.normal(size=(2, 3, *grid.shape)))
+    torch.testing.assert_close(diffusion(u, grid), jacobian(u, grid).pow(2).sum((1, 2)).flatten(1).mean(1))
+    torch.testing.assert_close(bending_energy(u, grid), hessian(u, grid).pow(2).sum((1, 2, 3)).flatten(1).mean(1))

@@ -174,3 +174,19 @@ def test_device_and_dtype_follow_the_transform(rng):
     t = Affine(2, dtype=torch.float32)
     assert t.transform_points(np.ones((3, 2))).dtype == np.float32
     assert t(torch.ones(1, 3, 2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_exponential_equals_repeated_composition(d):
+    """The exponential squares in normalised units; it must equal squaring with physical
+    compositions on an oblique, anisotropic grid."""
+    from airlab.transforms.dense import compose_displacements
+    from airlab.transforms.velocity import exponential
+
+    rng = np.random.default_rng(3)
+    grid = oblique_grid(d, rng, size=(14, 12, 10)[:d])
+    v = torch.as_tensor(rng.normal(scale=2.0, size=(2, d, *grid.shape)))
+    u = v / 2**5
+    for _ in range(5):
+        u = compose_displacements(u, u, grid)
+    torch.testing.assert_close(exponential(v, grid, 5), u, rtol=0, atol=1e-10)

@@ -11,6 +11,8 @@ to moving physical points for the whole pipeline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -36,11 +38,19 @@ class RegistrationError(ValueError):
 @dataclass
 class Level:
     """One pyramid level: images resampled to ``shrink`` x the fixed spacing after Gaussian
-    smoothing with ``sigma`` mm, then ``iterations`` optimiser steps at most."""
+    smoothing with ``sigma`` mm, then ``iterations`` optimiser steps at most.
+
+    ``stride > 1`` evaluates the similarity on every ``stride``-th fixed voxel along each axis
+    (the moving image keeps the level's resolution), moving the sublattice's offset every
+    iteration so that each voxel counts once per ``stride**D`` iterations. A smooth transform
+    needs far fewer voxels than a fine level has, and each iteration costs ``stride**D`` times
+    less; unlike random sampling, runs repeat exactly.
+    """
 
     shrink: float = 1.0
     sigma: float = 0.0
     iterations: int = 100
+    stride: int = 1
 
 
 TransformFactory = Callable[[Grid, int], Transform]
@@ -232,6 +242,30 @@ class _LevelData:
     moving: torch.Tensor
     moving_mask: torch.Tensor | None
     regulariser_grid: Grid | None = None
+    full: "_LevelData | None" = None  # the whole level, when this is a strided view of it
+
+
+def _offsets(stride: int, ndim: int) -> list[tuple[int, ...]]:
+    """Sublattice offsets in an order that alternates an offset with its opposite corner, so
+    consecutive iterations see well-spread voxels."""
+    offs = list(itertools.product(range(stride), repeat=ndim))
+    half = len(offs) // 2
+    order = [o for i in range(half) for o in (offs[i], offs[-1 - i])]
+    return order + (offs[half:half + 1] if len(offs) % 2 else [])
+
+
+def _strided_views(data: _LevelData, stride: int) -> list[_LevelData]:
+    """The level seen through each sublattice of every ``stride``-th fixed voxel."""
+    if stride <= 1:
+        return [data]
+    views = []
+    for offset in _offsets(stride, data.grid.ndim):
+        # tensor axes run (z, y, x): the reverse of the ITK-ordered offset
+        index = (Ellipsis, *(slice(o, None, stride) for o in reversed(offset)))
+        views.append(dataclasses.replace(
+            data, grid=data.grid.subgrid(stride, offset), fixed=data.fixed[index],
+            fixed_weight=None if data.fixed_weight is None else data.fixed_weight[index], full=data))
+    return views
 
 
 def _level_grid(grid: Grid, shrink: float) -> Grid:
@@ -414,7 +448,8 @@ class Registration:
                 raise ValueError(f"a symmetric stage needs a velocity field, not {type(t).__name__}")
             disp = t.scaled(0.5).displacement(data.grid)
             back = t.scaled(-0.5).displacement(data.grid)
-            fixed = sample(data.fixed, data.grid, points + torch.movedim(back, 1, -1), "linear", outside=None)
+            source = data.full or data  # a strided view samples the whole fixed level
+            fixed = sample(source.fixed, source.grid, points + torch.movedim(back, 1, -1), "linear", outside=None)
         else:
             disp = t.displacement(data.grid)  # [N, D, *shape]: this stage's own motion
         y = points + torch.movedim(disp, 1, -1)
@@ -448,7 +483,10 @@ class Registration:
         return total, terms
 
     def _run_level(self, stage, s, li, level, t, previous, data: _LevelData, radius) -> dict:
-        points = data.grid.points(dtype=data.fixed.dtype, device=data.fixed.device)
+        views = _strided_views(data, level.stride)
+        points = [v.grid.points(dtype=data.fixed.dtype, device=data.fixed.device) for v in views]
+        # a strided objective varies with the sublattice: compare values of the same one
+        lag = -(-stage.patience // len(views)) * len(views)
         optimizer = _make_optimizer(stage.optimizer, _param_groups(t, stage.lr, radius))
         scheduler = None
         if stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS):
@@ -466,16 +504,31 @@ class Registration:
             bar = tqdm(total=level.iterations, desc=label, leave=False, dynamic_ncols=True, mininterval=0.5)
         level_start = time.perf_counter()
         terms = {}
+        # Early stopping is per pair: a converged pair keeps its parameters while the others go
+        # on, so a batch ends where its pairs would have ended alone (not for LBFGS, whose line
+        # search couples the pairs).
+        params = [p for p in t.parameters() if p.requires_grad]
+        separable = (t.batch_size > 1 and not isinstance(optimizer, torch.optim.LBFGS)
+                     and all(p.shape[0] == t.batch_size for p in params))
+        per_pair: list[torch.Tensor] = []
+        frozen: dict[int, list[torch.Tensor]] = {}
         try:
             for it in range(level.iterations):
                 def closure():
                     optimizer.zero_grad(set_to_none=True)
-                    total, closure.terms = self._objective(stage, t, previous, data, points)
+                    k = it % len(views)
+                    total, closure.terms = self._objective(stage, t, previous, views[k], points[k])
+                    closure.total = total.detach()
                     loss = total.sum()  # summing keeps every batch element's gradient its own
                     loss.backward()
                     return loss
 
                 loss = optimizer.step(closure)
+                if frozen:
+                    with torch.no_grad():
+                        for n, saved in frozen.items():
+                            for p, v in zip(params, saved):
+                                p[n] = v
                 if scheduler is not None:
                     scheduler.step()
                 terms = closure.terms
@@ -489,10 +542,16 @@ class Registration:
                 for cb in self.callbacks:
                     cb({"stage": s, "stage_name": stage.name, "level": li, "iteration": it, "objective": value,
                         "terms": {k: v.tolist() for k, v in terms.items()}, "transform": t})
-                if len(values) > stage.patience:
-                    old = values[-1 - stage.patience]
-                    if old - value <= stage.tolerance * max(abs(old), 1e-12):
+                per_pair.append(closure.total.double().cpu().expand(t.batch_size))
+                if len(per_pair) > lag:
+                    old = per_pair[-1 - lag]
+                    done = old - per_pair[-1] <= stage.tolerance * old.abs().clamp_min(1e-12)
+                    done[list(frozen)] = True
+                    if bool(done.all()):
                         break
+                    if separable:
+                        for n in done.nonzero().flatten().tolist():
+                            frozen.setdefault(n, [p.detach()[n].clone() for p in params])
         finally:
             if bar is not None:
                 bar.close()
@@ -500,7 +559,7 @@ class Registration:
             # logs get one line per level instead of a redrawn bar
             print(f"{label}: {len(values)} iterations, objective {values[-1]:.5g}, "
                   f"{time.perf_counter() - level_start:.1f} s", file=sys.stderr, flush=True)
-        return {"stage": stage.name, "level": li, "shrink": level.shrink, "sigma_mm": level.sigma,
+        return {"stage": stage.name, "level": li, "shrink": level.shrink, "sigma_mm": level.sigma, "stride": level.stride,
                 "grid_size": list(data.grid.size), "iterations": len(values), "objective": values,
                 "final_terms": {k: v.tolist() for k, v in terms.items()},
                 "time_s": round(time.perf_counter() - level_start, 3)}

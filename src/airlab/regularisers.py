@@ -55,11 +55,19 @@ def _check(displacement: torch.Tensor, grid: Grid) -> None:
         raise ValueError(f"finite differences need 3 voxels along every axis, grid size is {grid.size}")
 
 
-def _physical_gradient(field: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """``d field_c / dx_j`` of ``field [N, C, *shape]`` as ``[N, C, D, *shape]``."""
+def _physical_gradient(field: torch.Tensor, grid: Grid, rotate: bool = True) -> torch.Tensor:
+    """``d field_c / dx_j`` of ``field [N, C, *shape]`` as ``[N, C, D, *shape]``.
+
+    ``rotate=False`` differentiates along the grid axes in mm instead: the same up to the
+    rotation of the grid's (orthonormal) direction, which norms over ``j`` do not see.
+    """
     d = grid.ndim
+    dims = tuple(range(2, d + 2))
+    if not rotate:
+        spacing = tuple(float(s) for s in grid.spacing[::-1])
+        return torch.stack(torch.gradient(field, spacing=spacing, dim=dims, edge_order=2)[::-1], dim=2)
     # torch.gradient lists the tensor axes (z, y, x); reversed, they are the ITK index axes
-    per_axis = torch.gradient(field, dim=tuple(range(2, d + 2)), edge_order=2)
+    per_axis = torch.gradient(field, dim=dims, edge_order=2)
     by_index = torch.stack(per_axis[::-1], dim=2)
     m_inv = np.linalg.inv(grid.index_to_physical_matrix()[:d, :d])
     m_inv = torch.as_tensor(m_inv, dtype=field.dtype, device=field.device)
@@ -83,13 +91,33 @@ def hessian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     return _physical_gradient(jac.flatten(1, 2), grid).unflatten(1, (d, d))
 
 
+def _orthonormal(grid: Grid) -> bool:
+    m = grid.direction_matrix
+    return bool(np.allclose(m @ m.T, np.eye(grid.ndim), atol=1e-6))
+
+
+def _gradient_norms(displacement: torch.Tensor, grid: Grid, order: int) -> torch.Tensor:
+    """``sum_ij (du_i/dx_j)^2`` (order 1) or ``sum_ijk (d2u_i/dx_j dx_k)^2`` (order 2) per voxel.
+
+    Frobenius norms do not change when the derivative frame rotates, so on grids with an
+    orthonormal direction (all scanner images) the rotation to physical axes is skipped: it
+    costs more than the derivatives.
+    """
+    _check(displacement, grid)
+    rotate = not _orthonormal(grid)
+    out = _physical_gradient(displacement, grid, rotate)
+    if order == 2:
+        out = _physical_gradient(out.flatten(1, 2), grid, rotate)
+    return out.pow(2).flatten(1, 2).sum(dim=1)
+
+
 def _voxel_mean(density: torch.Tensor) -> torch.Tensor:
     return density.flatten(1).mean(dim=1)
 
 
 def diffusion(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Mean over voxels of ``sum_ij (du_i/dx_j)^2``."""
-    return _voxel_mean(jacobian(displacement, grid).pow(2).sum(dim=(1, 2)))
+    return _voxel_mean(_gradient_norms(displacement, grid, 1))
 
 
 def bending_energy(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -97,7 +125,7 @@ def bending_energy(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
 
     With a symmetric Hessian this is its squared Frobenius norm, which is what is summed.
     """
-    return _voxel_mean(hessian(displacement, grid).pow(2).sum(dim=(1, 2, 3)))
+    return _voxel_mean(_gradient_norms(displacement, grid, 2))
 
 
 def total_variation(displacement: torch.Tensor, grid: Grid, eps: float = 1e-3) -> torch.Tensor:
@@ -105,7 +133,7 @@ def total_variation(displacement: torch.Tensor, grid: Grid, eps: float = 1e-3) -
 
     ``eps`` keeps the gradient finite where the field is locally constant.
     """
-    squared = jacobian(displacement, grid).pow(2).sum(dim=(1, 2))
+    squared = _gradient_norms(displacement, grid, 1)
     return _voxel_mean(torch.sqrt(squared + eps**2))
 
 

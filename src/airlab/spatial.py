@@ -151,9 +151,14 @@ class Grid:
                 f"points have {points.shape[-1]} components, the grid is {matrix.shape[0] - 1}D"
             )
         dtype = points.dtype if points.is_floating_point() else torch.get_default_dtype()
-        m = torch.as_tensor(matrix, dtype=dtype, device=points.device)
-        d = m.shape[0] - 1
-        return points.to(dtype) @ m[:d, :d].T + m[:d, d]
+        d = matrix.shape[0] - 1
+        shift = torch.as_tensor(matrix[:d, d], dtype=dtype, device=points.device)
+        linear = matrix[:d, :d]
+        if not np.any(linear - np.diag(np.diag(linear))):
+            # axis-aligned (every index <-> normalised map, most images): 5x faster than a matmul
+            scale = torch.as_tensor(np.diag(linear).copy(), dtype=dtype, device=points.device)
+            return torch.addcmul(shift, points.to(dtype), scale)
+        return points.to(dtype) @ torch.as_tensor(linear.T, dtype=dtype, device=points.device) + shift
 
     def index_to_physical(self, index: torch.Tensor) -> torch.Tensor:
         return self._apply(self.index_to_physical_matrix(), index)
@@ -195,6 +200,15 @@ class Grid:
         new_extent = (size - 1) * spacing
         origin = self.center() - self.direction_matrix @ (new_extent / 2.0)
         return Grid(size, spacing, origin, self.direction)
+
+    def subgrid(self, stride: int, offset: Sequence[int]) -> "Grid":
+        """Every ``stride``-th voxel along each axis, starting at index ``offset`` (ITK order)."""
+        offset = np.asarray(offset, dtype=int)
+        if stride < 1 or offset.shape != (self.ndim,) or (offset < 0).any() or (offset >= stride).any():
+            raise ValueError(f"bad subgrid: stride {stride}, offset {tuple(offset)}")
+        size = np.maximum(-(-(np.asarray(self.size) - offset) // stride), 1)
+        origin = self.index_to_physical_matrix() @ np.append(offset, 1.0)
+        return Grid(size, np.asarray(self.spacing) * stride, origin[: self.ndim], self.direction)
 
     # ----------------------------------------------------------------- SimpleITK
     @classmethod

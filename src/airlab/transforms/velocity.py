@@ -6,22 +6,36 @@ import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..spatial import Grid
 from .base import Transform
 from .bspline import BSplineTransform
-from .dense import compose_displacements, field_parameter, sample_field
+from .dense import field_parameter, sample_field
 
 __all__ = ["StationaryVelocityField", "BSplineVelocityField", "exponential"]
 
 
 def exponential(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
-    """Displacement of ``exp(v)`` on ``grid`` by scaling and squaring (``2**steps`` sub-steps)."""
-    u = velocity / (2**steps)
+    """Displacement of ``exp(v)`` on ``grid`` by scaling and squaring (``2**steps`` sub-steps).
+
+    Each squaring is ``u(x) + u(x + u(x))`` with ``u`` extended by its border values, as
+    :func:`~airlab.transforms.dense.compose_displacements`. Composition commutes with a constant
+    linear map of the vectors, so the loop runs in grid_sample's normalised units and converts
+    only at both ends: the squarings then need no coordinate conversions.
+    """
+    if steps == 0:
+        return velocity
+    d = grid.ndim
+    to_norm = torch.as_tensor(grid.physical_to_normalized_matrix()[:d, :d], dtype=velocity.dtype,
+                              device=velocity.device)
+    u = torch.einsum("ij,nj...->ni...", to_norm / 2**steps, velocity)
+    identity = grid.index_to_normalized(grid.indices(velocity.dtype, velocity.device))
     for _ in range(steps):
-        u = compose_displacements(u, u, grid)
-    return u
+        u = u + F.grid_sample(u, identity + torch.movedim(u, 1, -1), mode="bilinear", padding_mode="border",
+                              align_corners=True)
+    return torch.einsum("ij,nj...->ni...", torch.linalg.inv(to_norm), u)
 
 
 class StationaryVelocityField(Transform):
