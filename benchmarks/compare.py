@@ -230,7 +230,7 @@ def commands(tool: str, case: Case, out: Path, device: str) -> list:
         exe = Path(sys.executable).with_name("airlab")
         airlab = [str(exe)] if exe.exists() else [sys.executable, "-m", "airlab"]
         return [airlab + ["register", str(case.pairs[0].fixed), str(case.pairs[0].moving), "-o", str(out / "pair0"),
-                          "--preset", preset, "--quiet", "--device", device, *metric]]
+                          "--preset", preset, "--quiet", "--no-report", "--device", device, *metric]]
     runner = str(HERE / "tools" / f"run_{tool}.py")
     return [[sys.executable, runner, str(p.fixed), str(p.moving), str(out / f"pair{i}"), "--device", device, *metric]
             for i, p in enumerate(case.pairs)]

@@ -87,9 +87,15 @@ def _read(path: Path):
 @click.option("--moving-mask", type=click.Path(exists=True, path_type=Path), help="Only voxels inside it count.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the engine's random source.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML pipeline: a preset to adjust, or stages written out (see airlab.config). Options "
+              "given on the command line win over the file.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
+@click.option("--no-report", is_flag=True, help="Skip report.png and report.html (saves a few seconds per pair).")
 @click.option("--overwrite", is_flag=True, help="Replace airlab outputs already in OUTDIR (nothing else is touched).")
-def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, device, seed, quiet, overwrite):
+@click.pass_context
+def register(ctx, fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, device, seed, config_path, quiet,
+             no_report, overwrite):
     """Register MOVING to FIXED; write warped.nii.gz (MOVING on FIXED's grid),
     displacement.nii.gz (the whole transform as an ITK displacement field on FIXED's grid:
     mm, LPS, fixed point -> moving point), affine.txt (the linear part, ITK format) and
@@ -98,6 +104,13 @@ def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, dev
     from .report import write_report
 
     start = time.perf_counter()
+    pipeline = _pipeline(ctx, config_path, preset, metric)
+    if pipeline is not None:
+        explicit = lambda name: ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT  # noqa: E731
+        seed = seed if explicit("seed") or pipeline.seed is None else pipeline.seed
+        device = device if explicit("device") or pipeline.device is None else pipeline.device
+        preset = preset if explicit("preset") else (None if pipeline.stages else pipeline.preset)
+        metric = metric or pipeline.metric
     dev = _device(device)
     with staged_output(outdir, list(REGISTER_OUTPUTS), overwrite) as stage:
         f = _read(fixed)
@@ -105,20 +118,39 @@ def register(fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, dev
         fm = _read(fixed_mask) if fixed_mask else None
         mm = _read(moving_mask) if moving_mask else None
         metrics = _register_into(stage, f, m, fm, mm, preset=preset, metric=metric, device=dev, seed=seed,
-                                 quiet=quiet)
+                                 quiet=quiet, pipeline=pipeline)
+        if config_path is not None:
+            metrics["config"] = {"file": str(config_path), **pipeline.model_dump(exclude_none=True)}
         metrics.update({"fixed": str(fixed), "moving": str(moving),
                         "fixed_mask": str(fixed_mask) if fixed_mask else None,
                         "moving_mask": str(moving_mask) if moving_mask else None,
                         "wall_time_s": round(time.perf_counter() - start, 3)})
         result, warped = metrics.pop("_result"), metrics.pop("_warped")
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_report(stage, f, m, warped, result.transform, result.history, metrics)  # after the final metrics
+        if not no_report:
+            write_report(stage, f, m, warped, result.transform, result.history, metrics)  # after the final metrics
     if not quiet:
-        click.echo(f"airlab register: {preset} in {metrics['registration_time_s']:.1f} s; results in {outdir}/ "
+        click.echo(f"airlab register: {preset or 'config'} in {metrics['registration_time_s']:.1f} s; results in {outdir}/ "
                    f"(report: {outdir / 'report.html'})")
 
 
-def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, quiet):
+def _pipeline(ctx, config_path, preset, metric):
+    """The validated --config, or None; a bad file is a usage error naming the key."""
+    if config_path is None:
+        return None
+    from .config import ConfigError, load_config
+
+    try:
+        pipeline = load_config(config_path)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    from_file = ctx.get_parameter_source("preset") is click.core.ParameterSource.DEFAULT
+    if pipeline.stages and from_file and metric is not None:
+        raise click.UsageError(f"--metric applies to presets; the stages in {config_path} name their own losses")
+    return pipeline
+
+
+def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, quiet, pipeline=None):
     """Register and write warped.nii.gz, displacement.nii.gz and affine.txt into ``stage``;
     return the metrics (what ran, objectives, timings, versions), the result and the warped image."""
     import platform
@@ -132,7 +164,13 @@ def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, q
     from .registration import Registration
     from .transforms import write_displacement_field, write_transform
 
-    registration = Registration(make_preset(preset, f.grid, metric=metric), progress=not quiet, seed=seed)
+    if pipeline is None:
+        registration = Registration(make_preset(preset, f.grid, metric=metric), progress=not quiet, seed=seed)
+    else:
+        stages = make_preset(preset, f.grid, metric=metric) if preset else pipeline.build(f.grid)
+        init = None if pipeline.initialisation == "none" else pipeline.initialisation
+        registration = Registration(stages, initialisation=init, normalise=pipeline.normalise, progress=not quiet,
+                                    seed=seed)
     result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=device)
     with torch.no_grad():
         warped = result.warp(m.to(device) if m.data.is_floating_point() else m).to("cpu")
@@ -150,7 +188,7 @@ def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, q
     return {
         "command": "register",
         "preset": preset,
-        "metric": metric or ("mi" if preset in ("bspline", "diffeomorphic") else "ncc"),
+        "metric": (metric or ("mi" if preset in ("bspline", "diffeomorphic") else "ncc")) if preset else None,
         "device": str(device),
         "seed": seed,
         "stages": stages,

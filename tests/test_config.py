@@ -1,0 +1,126 @@
+"""`--config`: YAML pipelines, validated with messages that name the key."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import airlab as al
+from airlab.config import ConfigError, load_config
+from airlab.datasets import example_path
+from airlab.registration import Stage
+from airlab.synthetic import random_deformation
+
+FIXED = example_path("mni152_t1_1mm_axial")
+
+PIPELINE = """\
+seed: 3
+stages:
+  - name: rigid
+    transform: rigid
+    losses: [{name: ncc}]
+    levels: [{shrink: 4, sigma: 4, iterations: 30}]
+    lr: 0.5
+  - name: deformable
+    transform: bspline
+    losses: [{name: mi, bins: 32}, {name: ngf, weight: 0.5, eps: 0.2}]
+    regularisers: [{name: bending, weight: 0.1}]
+    iterations: [20, 10]
+    optimizer: field-adam
+    lr: 0.25
+"""
+
+
+def airlab(*args):
+    done = subprocess.run([sys.executable, "-m", "airlab", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture(scope="module")
+def moving(tmp_path_factory):
+    root = tmp_path_factory.mktemp("config")
+    fixed = al.read_image(FIXED).to(torch.float32)
+    with torch.no_grad():
+        al.write_image(al.resample(fixed, fixed.grid, random_deformation(fixed.grid, 2)), root / "moving.nii.gz")
+    return root / "moving.nii.gz"
+
+
+def test_stages_are_built_as_written(tmp_path):
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    config = load_config(tmp_path / "p.yaml")
+    stages = config.build(al.read_image(FIXED).grid)
+    assert [s.name for s in stages] == ["rigid", "deformable"]
+    assert all(isinstance(s, Stage) for s in stages)
+    assert [(lv.shrink, lv.sigma, lv.iterations) for lv in stages[0].levels] == [(4, 4, 30)]
+    assert [lv.iterations for lv in stages[1].levels] == [20, 10]
+    (w1, mi), (w2, ngf) = stages[1].losses
+    assert (w1, mi.bins, w2, ngf.eps) == (1.0, 32, 0.5, 0.2)
+    assert stages[1].optimizer == "field-adam" and stages[0].lr == 0.5 and config.seed == 3
+
+
+def test_register_runs_a_written_pipeline(tmp_path, moving):
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    code, out, err = airlab("register", FIXED, moving, "-o", tmp_path / "out", "--config", tmp_path / "p.yaml",
+                            "--quiet")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [s["stage"] for s in metrics["stages"]] == ["rigid", "deformable", "deformable"]
+    assert [s["iterations"] <= n for s, n in zip(metrics["stages"], (30, 20, 10))] == [True] * 3
+    assert metrics["seed"] == 3 and metrics["config"]["file"].endswith("p.yaml") and metrics["preset"] is None
+
+
+def test_a_preset_in_the_file_and_the_command_line_wins(tmp_path, moving):
+    (tmp_path / "p.yaml").write_text("preset: affine\nmetric: nmi\nseed: 5\n")
+    code, _, err = airlab("register", FIXED, moving, "-o", tmp_path / "out", "--config", tmp_path / "p.yaml",
+                          "--seed", "7", "--quiet", "--no-report")
+    assert code == 0, err
+    assert not (tmp_path / "out" / "report.html").exists() and not (tmp_path / "out" / "report.png").exists()
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["preset"], metrics["metric"], metrics["seed"]) == ("affine", "nmi", 7)
+    assert [s["stage"] for s in metrics["stages"]][-1] == "affine"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("preset: affine\nsed: 3\n", "sed: unknown key"),
+    ("preset: affin\n", "preset: Input should be"),
+    ("seed: three\npreset: rigid\n", "seed: Input should be a valid integer"),
+    (PIPELINE.replace("lr: 0.5", "lr: fast"), "stages.0.lr: Input should be a valid number"),
+    (PIPELINE.replace("lr: 0.5", "lrate: 0.5"), "stages.0.lrate: unknown key"),
+    (PIPELINE.replace("name: ncc", "name: xcorr"), "stages.0.losses: unknown loss 'xcorr'"),
+    (PIPELINE.replace("bins: 32", "binz: 32"), "loss 'mi' has no option 'binz'"),
+    (PIPELINE.replace("name: bending", "name: elastic"), "unknown regulariser 'elastic'"),
+    (PIPELINE.replace("transform: bspline", "transform: spline"), "stages.1.transform: Input should be"),
+    ("stages: [\n", "not valid YAML"),
+    ("- rigid\n", "must be a mapping"),
+    ("seed: 1\n", "give a 'preset' or a list of 'stages'"),
+])
+def test_bad_configs_are_usage_errors_naming_the_key(tmp_path, moving, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(tmp_path / "bad.yaml")
+    assert message in str(info.value) and "bad.yaml" in str(info.value)
+    out = tmp_path / "out"
+    code, stdout, err = airlab("register", FIXED, moving, "-o", out, "--config", tmp_path / "bad.yaml")
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_metric_with_written_stages_is_refused(tmp_path, moving):
+    (tmp_path / "p.yaml").write_text(PIPELINE)
+    code, _, err = airlab("register", FIXED, moving, "-o", tmp_path / "out", "--config", tmp_path / "p.yaml",
+                          "--metric", "mse")
+    assert code == 2 and "--metric applies to presets" in err
+
+
+def test_the_readme_pipeline_is_valid(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "readme.yaml").write_text(block)
+    stages = load_config(tmp_path / "readme.yaml").build(al.read_image(FIXED).grid)
+    assert [s.name for s in stages] == ["rigid", "deformable"] and len(stages[1].levels) == 3
