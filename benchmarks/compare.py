@@ -195,28 +195,40 @@ def label_dice(pair: Pair, transform) -> dict:
     return {"gm_dice": d[1], "wm_dice": d[2]}
 
 
+# A child's ru_maxrss starts from its parent's resident size at fork (Linux carries the high-water
+# mark across fork and exec), so this process, which holds the cases, would set a floor under every
+# tool's peak. A small launcher forks the tool from a small process and reports its rusage and time.
+_LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_process(cmd: list, log: Path, timeout: float):
     """Wall time (s) and peak resident memory (MB) of one child process, or its error line."""
+    measured = log.with_suffix(".rusage")
     with open(log, "w") as out:
-        start = time.perf_counter()
         # cwd: the log's folder, so that files a tool drops in its working directory stay there
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
-        # os.wait4 reaps the child and returns its own rusage: ru_maxrss is its peak RSS in KiB
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - start > timeout:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                return None, None, f"timed out after {timeout:.0f} s"
-            time.sleep(0.01)
-        seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)  # already reaped: keep Popen from waiting again
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(measured), *map(str, cmd)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=log.parent, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return None, None, f"timed out after {timeout:.0f} s"
     if proc.returncode != 0:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         return None, None, (lines[-1] if lines else f"exit code {proc.returncode}")[:300]
-    return seconds, usage.ru_maxrss / 1024.0, None
+    seconds, kib = measured.read_text().split()
+    return float(seconds), int(kib) / 1024.0, None
 
 
 def commands(tool: str, case: Case, out: Path, device: str) -> list:
