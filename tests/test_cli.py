@@ -217,3 +217,22 @@ def test_demo_says_where_the_report_is(tmp_path, monkeypatch):
     assert done.exit_code == 0, done.output
     assert f"report: {tmp_path / 'd' / 'report.html'}" in done.output
     assert (tmp_path / "d" / "report.png").exists() and not list(tmp_path.glob(".airlab-*"))
+
+
+@pytest.mark.parametrize("error", ["MemoryError()", "torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')"])
+def test_running_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, error):
+    """Memory runs out inside the engine (simulated: a real one would need a machine's worth of
+    data): one line, exit 1, no output folder, no staging folder left behind."""
+    script = (
+        "import sys, torch\n"
+        "import airlab.registration as r\n"
+        f"def fail(*a, **k): raise {error}\n"
+        "r.Registration.run = fail\n"
+        "from airlab.cli import run\n"
+        f"sys.argv = ['airlab', 'register', {str(FIXED)!r}, {str(FIXED)!r}, '-o', {str(tmp_path / 'out')!r}]\n"
+        "run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "out of memory" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
