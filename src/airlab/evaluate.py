@@ -16,7 +16,7 @@ from scipy import ndimage
 from .regularisers import jacobian_determinant
 from .spatial import Grid
 
-__all__ = ["dice", "hd95", "jacobian_stats", "endpoint_error", "tre"]
+__all__ = ["dice", "hd95", "jacobian_stats", "determinant_stats", "endpoint_error", "tre"]
 
 
 def _numpy(x) -> np.ndarray:
@@ -149,6 +149,12 @@ def jacobian_stats(displacement, grid: Grid, mask=None) -> dict:
     with torch.no_grad():
         t = torch.as_tensor(field, dtype=torch.float64)
         det = jacobian_determinant(t[None], grid)[0].numpy()[keep]
+    return determinant_stats(det)
+
+
+def determinant_stats(det) -> dict:
+    """The statistics of :func:`jacobian_stats` from Jacobian determinants already computed."""
+    det = np.asarray(det, dtype=np.float64).ravel()
     folded = int((det <= 0).sum())
     return {
         "folding_fraction": folded / det.size,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .evaluate import jacobian_stats
+from .evaluate import determinant_stats
 from .image import Image
 from .regularisers import jacobian_determinant
 from .spatial import Grid, sample
@@ -237,8 +237,8 @@ def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacemen
         if hasattr(displacement, "displacement"):
             displacement = displacement.displacement(fixed.grid)
         disp = displacement.detach().cpu().to(torch.float64).reshape(1, fixed.ndim, *fixed.grid.shape)
-        jac = jacobian_stats(disp, fixed.grid)
-        det = jacobian_determinant(disp, fixed.grid)
+        det = jacobian_determinant(disp, fixed.grid)  # once, float64: it decides the folding count
+        jac = determinant_stats(det.numpy())
     planes = _planes(fixed, _window(fixed))
     views = _views(fixed, moving, warped, disp.float(), det.float(), planes)
     before = np.concatenate([np.abs(v["fixed"] - v["moving"]).ravel() for v in views])
