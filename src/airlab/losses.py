@@ -186,7 +186,7 @@ def _separable_filter(x: torch.Tensor, windows: Sequence[torch.Tensor | None]) -
     """Filter ``x [B, 1, *S]`` with one 1D window per tensor axis ("same" size, zero padding).
 
     Each 1D convolution is applied as a product with its banded matrix along that axis (as
-    :func:`airlab.splines.apply_axis_weights` does): on CPU this is several times faster than
+    :func:`airlab.spatial.apply_axis_weights` does): on CPU this is several times faster than
     ``conv3d`` with a 1D-shaped kernel, whose backward pass is slower still, and on CUDA it is
     computed in full float32 by default (unless ``torch.set_float32_matmul_precision`` was
     lowered), whereas cuDNN convolutions default to TF32, too coarse for the

@@ -1,13 +1,83 @@
-"""Optimisers suited to spatial transforms."""
+"""Optimisers suited to spatial transforms.
+
+They follow ``torch.optim``'s interface (``param_groups``, ``state``, ``zero_grad``,
+``step(closure)``) without deriving from ``torch.optim.Optimizer``: its ``add_param_group`` and
+``zero_grad`` import ``torch._dynamo`` on first use, which costs about 3 s of a command-line
+run that never compiles anything. Any ``torch.optim`` optimiser still plugs into the engine.
+"""
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 
-__all__ = ["FieldAdam"]
+__all__ = ["Adam", "FieldAdam"]
 
 
-class FieldAdam(torch.optim.Optimizer):
+class _Optimizer:
+    def __init__(self, params, defaults: dict):
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.defaults = defaults
+        self.param_groups = []
+        for g in groups:
+            g = dict(g)
+            g["params"] = list(g["params"]) if not isinstance(g["params"], torch.Tensor) else [g["params"]]
+            for key, value in defaults.items():
+                g.setdefault(key, value)
+            self.param_groups.append(g)
+        self.state: defaultdict = defaultdict(dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def _step(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step(p, group)
+        return loss
+
+
+class Adam(_Optimizer):
+    """Adam (Kingma and Ba), the same update as ``torch.optim.Adam`` with its defaults."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    def _step(self, p, group):
+        g, state = p.grad, self.state[p]
+        b1, b2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(p)
+            state["v"] = torch.zeros_like(p)
+        state["step"] += 1
+        k = state["step"]
+        state["m"].lerp_(g, 1 - b1)
+        state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (state["v"].sqrt() / (1 - b2**k) ** 0.5).add_(group["eps"])
+        p.addcdiv_(state["m"], denom, value=-group["lr"] / (1 - b1**k))
+
+
+class FieldAdam(_Optimizer):
     """Adam whose second moment is one number per batch element and parameter tensor: the
     largest squared gradient, not one per entry.
 
@@ -21,29 +91,18 @@ class FieldAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["m"] = torch.zeros_like(p)
-                    state["v"] = g.new_zeros(g.shape[0], *([1] * (g.dim() - 1)))
-                state["step"] += 1
-                k = state["step"]
-                state["m"].mul_(b1).add_(g, alpha=1 - b1)
-                peak = g.square().flatten(1).amax(1).view_as(state["v"])
-                state["v"].mul_(b2).add_(peak, alpha=1 - b2)
-                m_hat = state["m"] / (1 - b1**k)
-                v_hat = state["v"] / (1 - b2**k)
-                p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
-        return loss
+    def _step(self, p, group):
+        g, state = p.grad, self.state[p]
+        b1, b2 = group["betas"]
+        if not state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(p)
+            state["v"] = g.new_zeros(g.shape[0], *([1] * (g.dim() - 1)))
+        state["step"] += 1
+        k = state["step"]
+        state["m"].mul_(b1).add_(g, alpha=1 - b1)
+        peak = g.square().flatten(1).amax(1).view_as(state["v"])
+        state["v"].mul_(b2).add_(peak, alpha=1 - b2)
+        m_hat = state["m"] / (1 - b1**k)
+        v_hat = state["v"] / (1 - b2**k)
+        p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))

@@ -25,6 +25,7 @@ from torch import nn
 
 from .filters import smooth_mm
 from .image import Image, resample
+from .optim import Adam, FieldAdam
 from .spatial import Grid, inside, sample
 from .transforms import Composite, LinearTransform, Transform, Affine
 
@@ -320,10 +321,8 @@ def _make_optimizer(spec, groups):
     if callable(spec):
         return spec(groups)
     if spec == "adam":
-        return torch.optim.Adam(groups)
+        return Adam(groups)
     if spec == "field-adam":
-        from .optim import FieldAdam
-
         return FieldAdam(groups)
     if spec == "lbfgs":
         params = [p for g in groups for p in g["params"]]
@@ -488,12 +487,10 @@ class Registration:
         # a strided objective varies with the sublattice: compare values of the same one
         lag = -(-stage.patience // len(views)) * len(views)
         optimizer = _make_optimizer(stage.optimizer, _param_groups(t, stage.lr, radius))
-        scheduler = None
-        if stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS):
-            base = [g["lr"] for g in optimizer.param_groups]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, [lambda k, n=level.iterations: 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * k / n))] * len(base)
-            )
+        # cosine annealing by hand: any optimiser with param_groups, and no torch.optim.lr_scheduler,
+        # which would import torch._dynamo (see optim.py)
+        decay = stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS)
+        base = [g["lr"] for g in optimizer.param_groups]
         values: list[float] = []
         bar = None
         label = f"{stage.name} level {li + 1}/{len(stage.levels)}"
@@ -515,7 +512,8 @@ class Registration:
         try:
             for it in range(level.iterations):
                 def closure():
-                    optimizer.zero_grad(set_to_none=True)
+                    for p in params:
+                        p.grad = None
                     k = it % len(views)
                     total, closure.terms = self._objective(stage, t, previous, views[k], points[k])
                     closure.total = total.detach()
@@ -529,8 +527,10 @@ class Registration:
                         for n, saved in frozen.items():
                             for p, v in zip(params, saved):
                                 p[n] = v
-                if scheduler is not None:
-                    scheduler.step()
+                if decay:
+                    factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (it + 1) / level.iterations))
+                    for g, b in zip(optimizer.param_groups, base):
+                        g["lr"] = b * factor
                 terms = closure.terms
                 value = float(loss.detach())
                 if not math.isfinite(value):

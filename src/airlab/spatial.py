@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Grid", "sample", "INTERPOLATIONS"]
+__all__ = ["Grid", "sample", "sample_grid", "INTERPOLATIONS"]
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
@@ -348,4 +348,61 @@ def sample(
         fill = torch.as_tensor(outside, dtype=out.dtype, device=out.device)
         out = torch.where(keep, out, fill)
     return out.reshape(*out.shape[:2], *middle)
+
+
+def apply_axis_weights(data: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
+    """Contract ``data [N, C, *S]`` with one ``[out, in]`` weight matrix per axis (ITK order)."""
+    out = data
+    for a, m in enumerate(matrices):
+        axis = out.dim() - 1 - a
+        out = torch.movedim(torch.movedim(out, axis, -1) @ m.T, -1, axis)
+    return out
+
+
+def _linear_axis_weights(position: torch.Tensor, n: int, outside: bool) -> torch.Tensor:
+    """``[len(position), n]`` linear interpolation weights at continuous indices along one axis,
+    the edge value repeated beyond the ends; rows outside ITK's buffer are zero if ``outside``."""
+    clamped = position.clamp(0, n - 1)
+    lo = clamped.floor().clamp(max=max(n - 2, 0))
+    w = clamped - lo
+    rows = torch.arange(len(position), device=position.device)
+    out = position.new_zeros(len(position), n)
+    lo = lo.long()
+    out[rows, lo] = 1 - w
+    if n > 1:
+        out[rows, lo + 1] += w
+    if outside:
+        out = out * ((position >= -0.5) & (position < n - 0.5)).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | None = 0.0) -> torch.Tensor:
+    """``sample(data, grid, target.points(), "linear", outside)``: ``data [N, C, *grid.shape]``
+    linearly interpolated at every voxel of ``target``, returned as ``[N, C, *target.shape]``.
+
+    When ``target``'s axes run along ``grid``'s (same direction, any spacing and origin), linear
+    interpolation is one small matrix product per axis, which for a displacement field on a
+    coarse grid is over ten times faster than ``grid_sample`` at every voxel, and so is its
+    gradient. Otherwise it falls back to :func:`sample`.
+    """
+    d = grid.ndim
+    to_index = grid.physical_to_index_matrix() @ target.index_to_physical_matrix()
+    off_diagonal = to_index[:d, :d] - np.diag(np.diag(to_index[:d, :d]))
+    if target.ndim != d or np.abs(off_diagonal).max() > 1e-9 or outside not in (None, 0.0):
+        points = target.points(dtype=data.dtype if data.is_floating_point() else None, device=data.device)
+        return sample(data, grid, points, "linear", outside=outside)
+    if data.dim() != d + 2 or tuple(data.shape[2:]) != grid.shape:
+        raise ValueError(
+            f"image tensor of shape {tuple(data.shape)} does not match a {d}D grid of shape "
+            f"{grid.shape} (expected [N, C, *{grid.shape}])"
+        )
+    if not data.is_floating_point():
+        data = data.to(torch.get_default_dtype())
+    matrices = []
+    for a in range(d):
+        j = torch.arange(target.size[a], dtype=torch.float64)
+        position = to_index[a, a] * j + to_index[a, d]
+        matrices.append(_linear_axis_weights(position, grid.size[a], outside is not None)
+                        .to(dtype=data.dtype, device=data.device))
+    return apply_axis_weights(data, matrices)
 

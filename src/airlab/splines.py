@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spatial import sample_index
+from .spatial import apply_axis_weights, sample_index  # noqa: F401  (apply_axis_weights: used by transforms.bspline)
 
 _POLE = math.sqrt(3.0) - 2.0
 
@@ -93,17 +93,6 @@ def axis_weights(positions: torch.Tensor, n: int, boundary: str = "border", vali
     rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(-1).expand_as(cols)
     out = positions.new_zeros(positions.shape[0], n)
     return out.index_put((rows.reshape(-1), cols.reshape(-1)), w.reshape(-1), accumulate=True)
-
-
-def apply_axis_weights(coefficients: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
-    """Contract ``coefficients [N, C, *S]`` with one weight matrix per axis (ITK order)."""
-    out = coefficients
-    d = len(matrices)
-    for a, m in enumerate(matrices):
-        axis = out.dim() - 1 - a
-        out = torch.movedim(torch.movedim(out, axis, -1) @ m.T, -1, axis)
-    assert out.dim() == d + 2
-    return out
 
 
 def prefilter(data: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..spatial import Grid, sample
+from ..spatial import Grid, sample, sample_grid
 from .base import Transform
 
 __all__ = ["DisplacementField", "sample_field", "invert_displacement"]
@@ -100,7 +100,7 @@ class DisplacementField(Transform):
     def displacement(self, grid: Grid) -> torch.Tensor:
         if grid.same_as(self.grid, atol=1e-9):
             return self.field
-        return super().displacement(grid)
+        return sample_grid(self.field, self.grid, grid)  # == sample_field at grid's points
 
     def inverse(self, iterations: int = 100, tolerance: float = 1e-4) -> "DisplacementField":
         """Fixed-point inverse on the same grid; its ``residual [N]`` (mm) says how exact it is."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spatial import Grid
+from ..spatial import Grid, sample_grid
 from .base import Transform
 from .bspline import BSplineTransform
 from .dense import field_parameter, sample_field
@@ -87,7 +87,7 @@ class StationaryVelocityField(Transform):
     def displacement(self, grid: Grid) -> torch.Tensor:
         if grid.same_as(self.grid, atol=1e-9):
             return self.field()
-        return super().displacement(grid)
+        return sample_grid(self.field(), self.grid, grid)  # == sample_field at grid's points
 
     @torch.no_grad()
     def regrid(self, grid: Grid) -> None:
