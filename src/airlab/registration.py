@@ -26,7 +26,7 @@ from torch import nn
 from .filters import smooth_mm
 from .image import Image, resample
 from .optim import Adam, FieldAdam
-from .spatial import Grid, inside, sample
+from .spatial import Grid, inside, sample, sample_grid
 from .transforms import Composite, LinearTransform, Transform, Affine
 
 __all__ = ["Level", "Stage", "Registration", "Result", "RegistrationError", "initial_translation"]
@@ -279,7 +279,7 @@ def _downsample(data: torch.Tensor, grid: Grid, level_grid: Grid, sigma: float) 
     smoothed = smooth_mm(data, grid, sigma)
     if level_grid is grid:
         return smoothed
-    return sample(smoothed, grid, level_grid.points(smoothed.dtype, smoothed.device), "linear", outside=None)
+    return sample_grid(smoothed, grid, level_grid, outside=None)
 
 
 def _prepare_level(level: Level, fixed, fgrid, fmask, moving, mgrid, mmask) -> _LevelData:
