@@ -190,3 +190,23 @@ def test_exponential_equals_repeated_composition(d):
     for _ in range(5):
         u = compose_displacements(u, u, grid)
     torch.testing.assert_close(exponential(v, grid, 5), u, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS + ("velocity-composite",))
+@pytest.mark.parametrize("d", [2, 3])
+def test_displacement_equals_mapping_the_points(kind, d, rng):
+    """Every shortcut of ``displacement(grid)`` (separable B-splines, fields resampled onto
+    aligned grids, composites starting with them) is the transform applied to the grid's points."""
+    from airlab.transforms.base import Transform
+
+    domain = oblique_grid(d, rng)
+    if kind == "velocity-composite":
+        t = Composite(make_transform("velocity", domain, rng, 2), make_transform("affine", domain, rng, 2))
+    else:
+        t = make_transform(kind, domain, rng, batch=2)
+    shifted = Grid(domain.size, np.asarray(domain.spacing) * 0.7,
+                   np.asarray(domain.origin) + domain.direction_matrix @ rng.uniform(-3, 3, size=d), domain.direction)
+    for grid in (domain, domain.with_spacing(np.asarray(domain.spacing) * 1.6), domain.subgrid(2, [1] * d), shifted,
+                 oblique_grid(d, rng)):
+        with torch.no_grad():
+            assert torch.allclose(t.displacement(grid), Transform.displacement(t, grid), atol=1e-9, rtol=0)

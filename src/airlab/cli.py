@@ -125,10 +125,10 @@ def register(ctx, fixed, moving, outdir, preset, metric, fixed_mask, moving_mask
                         "fixed_mask": str(fixed_mask) if fixed_mask else None,
                         "moving_mask": str(moving_mask) if moving_mask else None,
                         "wall_time_s": round(time.perf_counter() - start, 3)})
-        result, warped = metrics.pop("_result"), metrics.pop("_warped")
+        result, warped, field = metrics.pop("_result"), metrics.pop("_warped"), metrics.pop("_field")
         (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
         if not no_report:
-            write_report(stage, f, m, warped, result.transform, result.history, metrics)  # after the final metrics
+            write_report(stage, f, m, warped, field[:1], result.history, metrics)  # after the final metrics
     if not quiet:
         click.echo(f"airlab register: {preset or 'config'} in {metrics['registration_time_s']:.1f} s; results in {outdir}/ "
                    f"(report: {outdir / 'report.html'})")
@@ -159,10 +159,10 @@ def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, q
     import torch
 
     from . import __version__
-    from .image import Image, write_image
+    from .image import Image, resample, write_image
     from .presets import preset as make_preset
     from .registration import Registration
-    from .transforms import write_displacement_field, write_transform
+    from .transforms import DisplacementField, write_displacement_field, write_transform
 
     if pipeline is None:
         registration = Registration(make_preset(preset, f.grid, metric=metric), progress=not quiet, seed=seed)
@@ -173,11 +173,15 @@ def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, q
                                     seed=seed)
     result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=device)
     with torch.no_grad():
-        warped = result.warp(m.to(device) if m.data.is_floating_point() else m).to("cpu")
+        # the transform sampled once on the fixed grid both warps the image and is the field
+        # written: evaluating a B-spline at every voxel twice took seconds at 2 mm
+        field = result.transform.displacement(f.grid)
+        dense = DisplacementField(f.grid, field.shape[0], field)
+        warped = resample(m.to(device) if m.data.is_floating_point() else m, f.grid, dense).to("cpu")
     if warped.data.is_floating_point():
         warped = Image(warped.data.float(), warped.grid)
     write_image(warped, stage / "warped.nii.gz")
-    write_displacement_field(result.transform.to("cpu"), f.grid, stage / "displacement.nii.gz")
+    write_displacement_field(dense.to("cpu"), f.grid, stage / "displacement.nii.gz")
     linear = result.linear_part()
     if linear is not None:
         write_transform(linear.to("cpu"), stage / "affine.txt")
@@ -197,6 +201,7 @@ def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, q
                      "python": platform.python_version()},
         "_result": result,
         "_warped": warped,
+        "_field": dense.field.detach().to("cpu"),  # [N, D, *shape] on the fixed grid
     }
 
 
@@ -292,9 +297,8 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
         write_image(moving, stage / "moving.nii.gz")
         metrics = _register_into(stage, fixed, moving, None, None, preset=preset, metric=None, device="cpu",
                                  seed=0, quiet=quiet)
-        result, warped = metrics.pop("_result"), metrics.pop("_warped")
-        with torch.no_grad():
-            found = result.transform.displacement(fixed.grid)[0].numpy()
+        result, warped, field = metrics.pop("_result"), metrics.pop("_warped"), metrics.pop("_field")
+        found = field[0].numpy()
         error = endpoint_error(found, truth.field[0].numpy(), mask=brain)
         # what another tool makes of the exported field
         field = sitk.ReadImage(str(stage / "displacement.nii.gz"), sitk.sitkVectorFloat64)

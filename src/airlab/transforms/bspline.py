@@ -14,6 +14,8 @@ from .base import Transform
 
 __all__ = ["BSplineTransform", "control_grid"]
 
+_EDGE = 1e-5  # control-index units; see BSplineTransform._valid
+
 
 def control_grid(domain: Grid, control_spacing: float | Sequence[float]) -> Grid:
     """Control-point grid over ``domain`` with exactly ``control_spacing`` mm between knots.
@@ -63,9 +65,12 @@ class BSplineTransform(Transform):
         self.coefficients = nn.Parameter(coefficients.detach().clone())
 
     def _valid(self, index: torch.Tensor) -> torch.Tensor:
-        # ITK's InsideValidRegion for odd order: 1 <= u < size - 2 on every axis
-        hi = torch.as_tensor([s - 2 for s in self.control.size], dtype=index.dtype, device=index.device)
-        return ((index >= 1) & (index < hi)).all(-1)
+        # ITK's InsideValidRegion for odd order: 1 <= u <= size - 2 on every axis (ITK moves a
+        # point on the upper limit just inside). The domain's first and last voxels lie exactly
+        # on the limits, so rounding must not decide: _EDGE (control-index units) absorbs it, and
+        # the separable path in displacement() applies the same test.
+        hi = torch.as_tensor([s - 2 + _EDGE for s in self.control.size], dtype=index.dtype, device=index.device)
+        return ((index >= 1 - _EDGE) & (index <= hi)).all(-1)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         points = self._check_points(points)
@@ -89,7 +94,7 @@ class BSplineTransform(Transform):
         for a in range(self.ndim):
             j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
             u = to_index[a, a] * j + to_index[a, self.ndim]
-            valid = (u >= 1) & (u < self.control.size[a] - 2)
+            valid = (u >= 1 - _EDGE) & (u <= self.control.size[a] - 2 + _EDGE)
             matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
         return splines.apply_axis_weights(c, matrices)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..spatial import Grid
 from .base import Transform
 
 __all__ = ["Composite"]
@@ -35,6 +36,17 @@ class Composite(Transform):
         for t in self.transforms:
             points = t(points)
         return points
+
+    def displacement(self, grid: Grid) -> torch.Tensor:
+        """As :meth:`Transform.displacement`, with the first transform's own (often separable)
+        ``displacement``: a B-spline or velocity field then costs a few matrix products on the
+        grid instead of an interpolation at every voxel."""
+        first = self.transforms[0].displacement(grid)
+        points = grid.points(dtype=first.dtype, device=first.device)
+        y = points + torch.movedim(first, 1, -1)
+        for t in self.transforms[1:]:
+            y = t(y)
+        return torch.movedim(y - points, -1, 1)
 
     def inverse(self) -> "Composite":
         return Composite(*[t.inverse() for t in reversed(self.transforms)])
