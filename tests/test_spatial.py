@@ -190,3 +190,31 @@ def test_sample_grid_gradient(rng):
     target = Grid((7, 3, 4), (1.1, 2.0, 2.5), (0.3, -2.5, 1.0))
     x = torch.as_tensor(rng.normal(size=(1, 3, *grid.shape))).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: sample_grid(t, grid, target), (x,))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_threaded_grid_sample_is_grid_sample(d, rng):
+    """spatial.grid_sample splits one image's points over the CPU threads: same values, same
+    gradients for the image and the points as one F.grid_sample call."""
+    import torch.nn.functional as F
+
+    from airlab.spatial import grid_sample
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # an odd count: the points do not divide evenly
+    try:
+        shape = (7, 9, 8)[:d]
+        data = torch.as_tensor(rng.normal(size=(1, 2, *shape))).requires_grad_()
+        grid = torch.as_tensor(rng.uniform(-1.2, 1.2, size=(1, 80, 41, d))).requires_grad_()  # > 1024 per thread
+        if d == 3:
+            grid = grid.unsqueeze(1)
+        for padding in ("zeros", "border"):
+            ours = grid_sample(data, grid, padding)
+            ref = F.grid_sample(data, grid, mode="bilinear", padding_mode=padding, align_corners=True)
+            weights = torch.as_tensor(rng.normal(size=ref.shape))
+            g_ours = torch.autograd.grad((ours * weights).sum(), (data, grid))
+            g_ref = torch.autograd.grad((ref * weights).sum(), (data, grid))
+            assert ours.shape == ref.shape and torch.allclose(ours, ref, atol=1e-12, rtol=0)
+            assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for a, b in zip(g_ours, g_ref))
+    finally:
+        torch.set_num_threads(threads)

