@@ -43,6 +43,15 @@ class _Optimizer:
     def _step(self, p: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
 
+    def _moments(self, p: torch.Tensor, second_shape) -> tuple[dict, int]:
+        """The parameter's Adam state (first moment like ``p``, second of ``second_shape``),
+        its step count advanced."""
+        state = self.state[p]
+        if not state:
+            state.update(step=0, m=torch.zeros_like(p), v=p.new_zeros(second_shape))
+        state["step"] += 1
+        return state, state["step"]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -63,14 +72,8 @@ class Adam(_Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     def _step(self, p, group):
-        g, state = p.grad, self.state[p]
-        b1, b2 = group["betas"]
-        if not state:
-            state["step"] = 0
-            state["m"] = torch.zeros_like(p)
-            state["v"] = torch.zeros_like(p)
-        state["step"] += 1
-        k = state["step"]
+        g, (b1, b2) = p.grad, group["betas"]
+        state, k = self._moments(p, p.shape)
         state["m"].lerp_(g, 1 - b1)
         state["v"].mul_(b2).addcmul_(g, g, value=1 - b2)
         denom = (state["v"].sqrt() / (1 - b2**k) ** 0.5).add_(group["eps"])
@@ -92,14 +95,8 @@ class FieldAdam(_Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
 
     def _step(self, p, group):
-        g, state = p.grad, self.state[p]
-        b1, b2 = group["betas"]
-        if not state:
-            state["step"] = 0
-            state["m"] = torch.zeros_like(p)
-            state["v"] = g.new_zeros(g.shape[0], *([1] * (g.dim() - 1)))
-        state["step"] += 1
-        k = state["step"]
+        g, (b1, b2) = p.grad, group["betas"]
+        state, k = self._moments(p, (g.shape[0], *([1] * (g.dim() - 1))))
         state["m"].mul_(b1).add_(g, alpha=1 - b1)
         peak = g.square().flatten(1).amax(1).view_as(state["v"])
         state["v"].mul_(b2).add_(peak, alpha=1 - b2)
