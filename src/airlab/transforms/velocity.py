@@ -6,7 +6,6 @@ import contextlib
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..spatial import Grid, grid_sample, sample_grid
