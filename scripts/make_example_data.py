@@ -4,6 +4,8 @@
 
 The MNI ICBM152 2009a template (T1, grey- and white-matter probability maps) is resampled to
 2 mm with anti-aliasing; tissue labels are 1 = grey matter, 2 = white matter (probability > 0.5).
+nilearn stores the probability maps as 0-255 integers; like nilearn's own ``load_mni152_gm_template``
+we rescale them to 0-1 before thresholding.
 A 1 mm axial slice of the T1 serves 2D examples and tests.
 """
 
@@ -30,12 +32,17 @@ def to_2mm(image: sitk.Image, interpolator=sitk.sitkLinear) -> sitk.Image:
     return sitk.Resample(smoothed, ref, sitk.Transform(), interpolator, 0.0)
 
 
+def probability(image: sitk.Image) -> np.ndarray:
+    """nilearn's maps hold probability x 255; nilearn's loaders divide by the maximum (255)."""
+    return sitk.GetArrayFromImage(image) / 255.0
+
+
 def main():
     t1 = to_2mm(sitk.ReadImage(str(DATA / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")))
     gm = to_2mm(sitk.ReadImage(str(DATA / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")))
     wm = to_2mm(sitk.ReadImage(str(DATA / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")))
     t1_arr = np.clip(np.rint(sitk.GetArrayFromImage(t1)), 0, 255).astype(np.uint8)
-    gm_arr, wm_arr = sitk.GetArrayFromImage(gm), sitk.GetArrayFromImage(wm)
+    gm_arr, wm_arr = probability(gm), probability(wm)
     labels = np.zeros(t1_arr.shape, np.uint8)
     labels[gm_arr > 0.5] = 1
     labels[wm_arr > 0.5] = 2
