@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from airlab import Grid
+from airlab import Grid, losses
 from airlab.losses import (
     LNCC,
     LOSSES,
@@ -201,10 +201,13 @@ def mi_reference(f, m, w, bins, normalized, f_range=None, m_range=None):
     return -out.mean(1)
 
 
+@pytest.mark.parametrize("voxels_per_slice", [None, 100])
 @pytest.mark.parametrize("normalized", [False, True])
 @pytest.mark.parametrize("d", [2, 3])
-def test_mi_matches_dense_reference(normalized, d, rng):
-    shape = (2, 2, 11, 12) if d == 2 else (1, 2, 21, 20, 22)  # 3D: 9240 voxels, three chunks
+def test_mi_matches_dense_reference(normalized, d, voxels_per_slice, rng, monkeypatch):
+    if voxels_per_slice:  # the histogram is accumulated (and differentiated) slice by slice
+            monkeypatch.setattr(losses, "_HISTOGRAM_SLICE", voxels_per_slice)
+    shape = (2, 2, 11, 12) if d == 2 else (1, 2, 21, 20, 22)  # 3D: 18480 voxels over both channels
     f = smooth(rng, shape)
     m = 0.3 * f + smooth(rng, shape)
     w = random_weight(rng, (shape[0], 1, *shape[2:]))
@@ -217,6 +220,12 @@ def test_mi_matches_dense_reference(normalized, d, rng):
     )
     ref = mi_reference(f.numpy(), m.numpy(), None, 16, normalized, (10, 90), (0, 150))
     assert np.allclose(ours.numpy(), ref, rtol=0, atol=1e-10)
+    if voxels_per_slice:
+        small = [x[..., :6, :7, :5] if d == 3 else x[..., :6, :7] for x in (f, m, w)]
+        f_, m_ = (x.clone().requires_grad_() for x in small[:2])
+        assert torch.autograd.gradcheck(lambda a, b: mutual_information(
+            a, b, small[2], bins=8, normalized=normalized, fixed_range=RANGE, moving_range=(-5, 150)),
+            (f_, m_), eps=1e-6, atol=1e-6)
 
 
 def test_mi_of_an_image_with_itself(rng):

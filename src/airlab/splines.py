@@ -22,8 +22,9 @@ from .spatial import apply_axis_weights, sample_index  # noqa: F401  (apply_axis
 _POLE = math.sqrt(3.0) - 2.0
 
 
-def cubic_weights(t: torch.Tensor) -> torch.Tensor:
-    """Weights ``[..., 4]`` of the four knots ``floor(u) - 1 .. floor(u) + 2`` for ``t = u - floor(u)``."""
+def cubic_weights(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Weights ``[..., 4]`` of the four knots ``floor(u) - 1 .. floor(u) + 2`` for ``t = u - floor(u)``
+    (stacked along ``dim``)."""
     t2, t3 = t * t, t * t * t
     return torch.stack(
         (
@@ -32,8 +33,14 @@ def cubic_weights(t: torch.Tensor) -> torch.Tensor:
             (-3 * t3 + 3 * t2 + 3 * t + 1) / 6,
             t3 / 6,
         ),
-        dim=-1,
+        dim=dim,
     )
+
+
+def cubic_derivatives(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``d/dt`` of :func:`cubic_weights` (stacked along ``dim``)."""
+    t2 = t * t
+    return torch.stack((-0.5 * (1 - t) ** 2, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2), dim=dim)
 
 
 def mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
