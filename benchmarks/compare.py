@@ -3,6 +3,7 @@
     python benchmarks/compare.py                      # every case, every installed tool, 3 repeats
     python benchmarks/compare.py --quick              # smoke run: 2D and 2 mm, one repeat
     python benchmarks/compare.py --cases 2d,mni2 --tools airlab-diffeomorphic,ants --repeats 1
+    python benchmarks/compare.py --remeasure RUN1 RUN2 --out NEW   # accuracy of earlier runs' fields again
 
 Every tool runs as a whole process from files to written outputs (python start, imports,
 reading, registering, writing are all on the clock): airlab through ``airlab register``, the
@@ -11,6 +12,11 @@ as an ITK displacement field on the fixed grid (mm, LPS, fixed point -> moving p
 are built once per run in OUT/work/ from the data shipped with airlab (and nilearn's 1 mm
 template), with known deformations, so the error of every tool is measured against the truth.
 Writes OUT/results.md, OUT/results.json and OUT/time_vs_error.png. See docs/benchmarks.md.
+
+``--remeasure`` runs no tool: it rebuilds the cases, checks that each earlier run's fixed and
+moving images are still the ones built now (a row whose inputs changed is reported as such, to
+be run again), and measures the fields those runs wrote against today's truth, masks and labels.
+Times and memory are those of the earlier runs; the table names the run of each row.
 """
 
 import argparse
@@ -88,9 +94,9 @@ def nilearn_1mm():
         raise RuntimeError("needs nilearn (pip install nilearn): the 1 mm template comes from its wheel")
     read = lambda kind: al.read_image(data / f"mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz")  # noqa: E731
     t1, gm, wm = read("t1"), read("gm"), read("wm")
-    labels = torch.zeros(gm.data.shape, dtype=torch.uint8)  # same rule as scripts/make_example_data.py
-    labels[gm.data > 0.5] = 1
-    labels[wm.data > 0.5] = 2
+    labels = torch.zeros(gm.data.shape, dtype=torch.uint8)  # same rule as scripts/make_example_data.py:
+    labels[gm.data > 0.5 * 255] = 1  # the maps hold probability x 255
+    labels[wm.data > 0.5 * 255] = 2
     return t1.to(torch.float32), al.Image(labels, t1.grid)
 
 
@@ -287,6 +293,42 @@ def describe(case: Case) -> dict:
 
 
 # ------------------------------------------------------------------------------- reporting
+def same_image(a: Path, b: Path) -> bool:
+    x, y = al.read_image(a), al.read_image(b)
+    return x.grid == y.grid and x.data.shape == y.data.shape and bool(torch.allclose(
+        x.data.double(), y.data.double(), atol=1e-4))
+
+
+def remeasure(runs: list, cases: list, tools: list, work: Path) -> tuple[list, list]:
+    """Accuracy rows for the fields earlier runs (OUT folders) left in their work/, against
+    cases built now; time and memory stay the runs' own."""
+    loaded = [(folder, json.loads((folder / "results.json").read_text())) for folder in runs]
+    case_info, rows = [], []
+    for name in cases:
+        old = [(folder, r) for folder, run in loaded for r in run["rows"]
+               if r["case"] == name and r["tool"] in tools and "error" not in r]
+        if not old:
+            continue
+        print(f"[{name}] building the data", flush=True)
+        case = build_case(name, work)
+        case_info.append(describe(case))
+        for folder, r in old:
+            then = folder / "work" / name
+            row = {k: v for k, v in r.items() if k not in ("epe_mean", "epe_p95", "gm_dice", "wm_dice", "folding_pct")}
+            row["run"] = folder.name
+            if not all(same_image(then / p.moving.name, p.moving) and same_image(then / p.fixed.name, p.fixed)
+                       for p in case.pairs):
+                rows.append(row | {"error": f"inputs changed since run {folder.name}: run it again"})
+            else:
+                measures = [measure(p, then / r["tool"] / "rep0" / f"pair{i}" / "displacement.nii.gz")
+                            for i, p in enumerate(case.pairs)]
+                rows.append(row | {k: float(np.mean([m[k] for m in measures])) for k in measures[0]})
+            print(f"[{name}] {r['tool']} (run {folder.name}): " + rows[-1].get("error", f"EPE {rows[-1].get('epe_mean', 0):.3f} mm"),
+                  flush=True)
+        del case
+    return case_info, rows
+
+
 def version(package: str):
     try:
         return md.version(package)
@@ -332,17 +374,24 @@ def markdown(header: dict, cases: list, rows: list) -> str:
         + (f" (airlab source: git {header['airlab_git']})" if header.get("airlab_git") else ""),
         f"- repeats: {header['repeats']} (time: median of the repeats, whole process; memory: peak RSS of the process)",
         f"- command: `{header['command']}`", "",
-        "| case | tool | time s | peak MB | mean EPE mm | p95 EPE mm | GM Dice | WM Dice | folding % |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    runs = header.get("remeasured", {})
+    if runs:
+        lines[-1:-1] = ["- accuracy re-measured from the fields of earlier runs; time and memory are theirs:"] + [
+            f"  - run `{tag}`: `{h['command']}`, airlab source git {h.get('airlab_git')}, {h['date']}"
+            for tag, h in runs.items()]
+    extra = " run |" if runs else ""
+    lines += ["| case | tool | time s | peak MB | mean EPE mm | p95 EPE mm | GM Dice | WM Dice | folding % |" + extra,
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if runs else "")]
     for r in rows:
         if "error" in r:
             said = r["error"] if r["error"].startswith(("not installed", "case not built")) else f"failed: {r['error']}"
-            lines.append(f"| {r['case']} | {r['tool']} | {said.replace('|', '/')} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['tool']} | {said.replace('|', '/')} | | | | | | |"
+                         + (f" {r.get('run', '')} |" if runs else ""))
             continue
         lines.append(f"| {r['case']} | {r['tool']} | {fmt(r['seconds'], 1)} | {fmt(r['peak_mb'], 0)} | "
                      f"{fmt(r['epe_mean'], 3)} | {fmt(r['epe_p95'], 3)} | {fmt(r['gm_dice'], 3)} | "
-                     f"{fmt(r['wm_dice'], 3)} | {fmt(r['folding_pct'], 4)} |")
+                     f"{fmt(r['wm_dice'], 3)} | {fmt(r['folding_pct'], 4)} |" + (f" {r.get('run', '')} |" if runs else ""))
     lines += ["", "Cases:"]
     for c in cases:
         ceiling = (f" Dice ceiling (exact inverse carrying the labels back): GM {fmt(c['ceiling']['gm_dice'], 3)},"
@@ -395,6 +444,8 @@ def main():
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--timeout", type=float, default=14400.0, help="seconds one tool process may take")
     parser.add_argument("--quick", action="store_true", help="smoke run: cases 2d,mni2 and one repeat")
+    parser.add_argument("--remeasure", type=Path, nargs="+", metavar="RUN", default=None,
+                        help="run no tool: measure again the fields that earlier runs (their --out folders) wrote")
     args = parser.parse_args()
     if args.quick:
         args.repeats = 1
@@ -414,6 +465,16 @@ def main():
     header = machine() | {"device": args.device, "repeats": args.repeats,
                           "command": shlex.join(["python", os.path.relpath(__file__)] + sys.argv[1:])}
     case_info, rows = [], []
+    if args.remeasure:
+        runs = [p.resolve() for p in args.remeasure]
+        if missing := [str(p) for p in runs if not (p / "results.json").is_file()]:
+            parser.error(f"--remeasure: no results.json in {', '.join(missing)}")
+        if len({p.name for p in runs}) < len(runs):
+            parser.error("--remeasure: the runs' folders need different names (the table names rows by them)")
+        header["repeats"] = "those of each run"
+        header["remeasured"] = {p.name: json.loads((p / "results.json").read_text())["header"] for p in runs}
+        case_info, rows = remeasure(runs, cases, tools if args.tools else AIRLAB + list(OTHERS), work)
+        cases = []
     for name in cases:
         print(f"[{name}] building the data", flush=True)
         try:
