@@ -260,6 +260,8 @@ def bench(tool: str, case: Case, args, work: Path) -> dict:
         return row | {"error": f"not installed (pip install {OTHERS[tool]})"}
     times, memory = [], []
     for rep in range(args.repeats):
+        if rep and times[0] > args.repeat_under:  # a long run's noise is small against its time
+            break
         out = work / case.name / tool / f"rep{rep}"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -372,7 +374,9 @@ def markdown(header: dict, cases: list, rows: list) -> str:
         + (f", GPU {header['gpu']}" if "gpu" in header else "") + f"; device {header['device']}",
         f"- versions: python {header['python']}, " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
         + (f" (airlab source: git {header['airlab_git']})" if header.get("airlab_git") else ""),
-        f"- repeats: {header['repeats']} (time: median of the repeats, whole process; memory: peak RSS of the process)",
+        f"- repeats: {header['repeats']} (time: median of the repeats, whole process; memory: peak RSS of the process)"
+        + (f"; a tool whose first run took over {header['repeat_under']:g} s per pair ran once"
+           if header.get("repeat_under") is not None else ""),
         f"- command: `{header['command']}`", "",
     ]
     runs = header.get("remeasured", {})
@@ -389,7 +393,8 @@ def markdown(header: dict, cases: list, rows: list) -> str:
             lines.append(f"| {r['case']} | {r['tool']} | {said.replace('|', '/')} | | | | | | |"
                          + (f" {r.get('run', '')} |" if runs else ""))
             continue
-        lines.append(f"| {r['case']} | {r['tool']} | {fmt(r['seconds'], 1)} | {fmt(r['peak_mb'], 0)} | "
+        n = len(r.get("repeats") or [])
+        lines.append(f"| {r['case']} | {r['tool']} | {fmt(r['seconds'], 1)}{f' ({n})' if n > 1 else ''} | {fmt(r['peak_mb'], 0)} | "
                      f"{fmt(r['epe_mean'], 3)} | {fmt(r['epe_p95'], 3)} | {fmt(r['gm_dice'], 3)} | "
                      f"{fmt(r['wm_dice'], 3)} | {fmt(r['folding_pct'], 4)} |" + (f" {r.get('run', '')} |" if runs else ""))
     lines += ["", "Cases:"]
@@ -402,7 +407,7 @@ def markdown(header: dict, cases: list, rows: list) -> str:
     lines += ["", "EPE: endpoint error against the known transform inside the brain (tissue labels > 0; for 2D without "
               "labels, intensity > 20). Dice: the moving labels warped back onto the fixed grid by the tool's field. "
               "Folding: % of fixed voxels with a non-positive Jacobian determinant. Batch rows: time per pair, "
-              "accuracy averaged over the 8 pairs.", ""]
+              "accuracy averaged over the 8 pairs. \"(3)\": the median of 3 runs; other times are one run.", ""]
     return "\n".join(lines)
 
 
@@ -440,6 +445,8 @@ def main():
     parser.add_argument("--tools", default=None, help=f"comma list from {','.join(AIRLAB + list(OTHERS))} "
                         "(default: airlab's presets and every installed tool)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case and tool; time is their median")
+    parser.add_argument("--repeat-under", type=float, default=60.0, metavar="SECONDS",
+                        help="only a tool whose first run of a case took less than this (per pair) is repeated")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for airlab and FireANTs")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--timeout", type=float, default=14400.0, help="seconds one tool process may take")
@@ -462,7 +469,7 @@ def main():
     args.out = args.out.resolve()  # the tools run in their own folders
     work = args.out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    header = machine() | {"device": args.device, "repeats": args.repeats,
+    header = machine() | {"device": args.device, "repeats": args.repeats, "repeat_under": args.repeat_under,
                           "command": shlex.join(["python", os.path.relpath(__file__)] + sys.argv[1:])}
     case_info, rows = [], []
     if args.remeasure:
@@ -471,7 +478,7 @@ def main():
             parser.error(f"--remeasure: no results.json in {', '.join(missing)}")
         if len({p.name for p in runs}) < len(runs):
             parser.error("--remeasure: the runs' folders need different names (the table names rows by them)")
-        header["repeats"] = "those of each run"
+        header["repeats"], header["repeat_under"] = "those of each run", None
         header["remeasured"] = {p.name: json.loads((p / "results.json").read_text())["header"] for p in runs}
         case_info, rows = remeasure(runs, cases, tools if args.tools else AIRLAB + list(OTHERS), work)
         cases = []
