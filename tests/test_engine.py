@@ -132,6 +132,24 @@ def test_demons_recovers_the_deformation(pair):
     assert jacobian_stats(field, result.stages[0].grid)["folding_count"] == 0
 
 
+def test_stages_share_pyramid_levels(pair, monkeypatch):
+    """rigid, affine and the deformable stage start on the same coarse levels: each (shrink,
+    sigma) is smoothed and downsampled once per registration, not once per stage."""
+    from airlab import registration
+
+    fixed, moving, _ = pair
+    calls = []
+    original = registration._prepare_level
+    monkeypatch.setattr(registration, "_prepare_level", lambda level, *a: calls.append(level) or original(level, *a))
+    stages = preset("bspline", fixed.grid)
+    for stage in stages:
+        for level in stage.levels:
+            level.iterations = 2
+    result = _quick(stages)(fixed, moving)
+    levels = {(lv.shrink, lv.sigma) for stage in stages for lv in stage.levels}
+    assert len(result.history) == sum(len(stage.levels) for stage in stages) > len(levels) == len(calls)
+
+
 def test_pyramid_is_sized_from_the_image():
     small = pyramid(al.Grid((40, 40)), 50)
     large = pyramid(al.Grid((400, 300, 200)), [100, 50, 20])

@@ -183,6 +183,27 @@ def test_sample_grid_equals_sample_at_the_points(d, outside, rng):
         assert torch.allclose(sample_grid(data, grid, target, outside=outside), ref, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_sample_grid_with_filters_is_smoothing_then_sampling(d, rng):
+    """Filters folded into the interpolation matrices (the engine's pyramid) give what smoothing
+    the whole image first and sampling it gives, on aligned and rotated targets."""
+    from airlab.filters import convolution_matrix, gaussian_kernel, smooth_mm
+    from airlab.spatial import sample_grid
+
+    grid = oblique_grid(d, rng)
+    data = smooth_image(grid, rng, channels=2).to(torch.float64)
+    sigma = 1.7  # mm
+    filters = [convolution_matrix(gaussian_kernel(sigma / s, dtype=torch.float64), n)
+               for n, s in zip(grid.size, grid.spacing)]
+    smoothed = smooth_mm(data, grid, sigma)
+    aligned = grid.with_spacing(np.asarray(grid.spacing) * 2.5)
+    rotated = Grid(aligned.size, aligned.spacing, aligned.origin, random_rotation(d, rng).ravel())
+    for target in (aligned, rotated):
+        ref = sample(smoothed, grid, target.points(torch.float64), "linear", outside=None)
+        assert torch.allclose(sample_grid(data, grid, target, outside=None, filters=filters), ref,
+                              atol=1e-10, rtol=0)
+
+
 def test_sample_grid_gradient(rng):
     from airlab.spatial import sample_grid
 

@@ -401,7 +401,8 @@ def _linear_axis_weights(position: torch.Tensor, n: int, outside: bool) -> torch
     return out
 
 
-def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | None = 0.0) -> torch.Tensor:
+def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | None = 0.0,
+                filters: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``sample(data, grid, target.points(), "linear", outside)``: ``data [N, C, *grid.shape]``
     linearly interpolated at every voxel of ``target``, returned as ``[N, C, *target.shape]``.
 
@@ -409,11 +410,18 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
     interpolation is one small matrix product per axis, which for a displacement field on a
     coarse grid is over ten times faster than ``grid_sample`` at every voxel, and so is its
     gradient. Otherwise it falls back to :func:`sample`.
+
+    ``filters``: one ``[n, n]`` matrix per axis (ITK order) applied to ``data`` first, e.g.
+    Gaussian smoothing before downsampling; on aligned grids it is folded into the interpolation
+    matrices, so the full-resolution image is never filtered as a whole.
     """
     d = grid.ndim
     to_index = grid.physical_to_index_matrix() @ target.index_to_physical_matrix()
     off_diagonal = to_index[:d, :d] - np.diag(np.diag(to_index[:d, :d]))
     if target.ndim != d or np.abs(off_diagonal).max() > 1e-9 or outside not in (None, 0.0):
+        if filters is not None:
+            data = data if data.is_floating_point() else data.to(torch.get_default_dtype())
+            data = apply_axis_weights(data, [f.to(dtype=data.dtype, device=data.device) for f in filters])
         points = target.points(dtype=data.dtype if data.is_floating_point() else None, device=data.device)
         return sample(data, grid, points, "linear", outside=outside)
     if data.dim() != d + 2 or tuple(data.shape[2:]) != grid.shape:
@@ -427,7 +435,9 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
     for a in range(d):
         j = torch.arange(target.size[a], dtype=torch.float64)
         position = to_index[a, a] * j + to_index[a, d]
-        matrices.append(_linear_axis_weights(position, grid.size[a], outside is not None)
-                        .to(dtype=data.dtype, device=data.device))
+        weights = _linear_axis_weights(position, grid.size[a], outside is not None)
+        if filters is not None:
+            weights = weights @ filters[a].to(weights.dtype)
+        matrices.append(weights.to(dtype=data.dtype, device=data.device))
     return apply_axis_weights(data, matrices)
 
