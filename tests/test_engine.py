@@ -57,7 +57,8 @@ def test_affine_then_bspline_improves_on_affine(pair):
     # one linear transform survives the rigid -> affine chain, the deformation acts first
     assert isinstance(result.transform, Composite) and isinstance(result.transform[1], Affine)
     assert isinstance(result.linear_part(), Affine)
-    assert [h["stage"] for h in result.history][:2] == ["rigid", "rigid"]
+    # rigid only at the coarsest level, then the affine stage's two levels
+    assert [h["stage"] for h in result.history][:3] == ["rigid", "affine", "affine"]
     assert all(h["iterations"] >= 1 and len(h["objective"]) == h["iterations"] for h in result.history)
 
 
@@ -315,3 +316,12 @@ def test_presets_do_not_import_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
+def test_quantile_by_selection_is_torch_quantile(n):
+    from airlab.registration import _quantile
+
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n)) ** 3
+    for q in (0.0, 0.01, 0.5, 0.99, 1.0):
+        assert _quantile(values, q) == pytest.approx(float(torch.quantile(values, q)), rel=1e-6, abs=1e-7)

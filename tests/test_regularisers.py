@@ -15,6 +15,7 @@ from airlab.regularisers import (
     diffusion,
     folding_penalty,
     hessian,
+    index_gradient,
     jacobian,
     jacobian_determinant,
     total_variation,
@@ -43,6 +44,17 @@ def _field_from(grid, fn):
     """Displacement ``[1, D, *shape]`` of ``fn(points [..., D]) -> [..., D]`` (mm)."""
     x = grid.points(dtype=torch.float64)
     return torch.movedim(fn(x - torch.as_tensor(grid.center())), -1, 1)
+
+
+@pytest.mark.parametrize("shape", [(3,), (6, 3), (5, 4, 7)])
+def test_index_gradient_is_torch_gradient_of_second_order(shape):
+    x = torch.randn(2, 3, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for dim in range(2, x.dim()):
+        for spacing in (1.0, 0.7):
+            expected = torch.gradient(x, spacing=spacing, dim=dim, edge_order=2)[0]
+            torch.testing.assert_close(index_gradient(x, dim, spacing), expected, rtol=0, atol=1e-12)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda v: index_gradient(v, x.dim() - 1, 0.7), (x,))
 
 
 @pytest.mark.parametrize("d", [2, 3])

@@ -92,10 +92,14 @@ def preset(name: str, fixed_grid: Grid, *, metric: str | None = None) -> list[St
     linear_levels = pyramid(fixed_grid, 100)[:2]
     for level in linear_levels[1:]:
         level.iterations, level.stride = 60, 2
-    stages = [Stage(lambda g, n: Rigid(d, n), [(1.0, _loss(lin))], levels=linear_levels, lr=0.5, name="rigid")]
     if name == "rigid":
-        stages[0].levels = pyramid(fixed_grid, [100, 60, 40])
-        return stages
+        return [Stage(lambda g, n: Rigid(d, n), [(1.0, _loss(lin))], levels=pyramid(fixed_grid, [100, 60, 40]),
+                      lr=0.5, name="rigid")]
+    # the rigid stage only starts the affine one off, at the coarsest level: its second level
+    # changed nothing after the affine stage (MNI benchmark seeds 1 / 3 / across contrasts:
+    # 0.173 / 0.174 / 0.208 mm with and without it) and took 0.3 s of a 2 mm run
+    stages = [Stage(lambda g, n: Rigid(d, n), [(1.0, _loss(lin))], levels=copy.deepcopy(linear_levels[:1]), lr=0.5,
+                    name="rigid")]
     affine_levels = pyramid(fixed_grid, [100, 60, 40]) if name == "affine" else copy.deepcopy(linear_levels)
     stages.append(Stage(lambda g, n: Affine(d, n), [(1.0, _loss(lin))], levels=affine_levels, lr=0.2,
                         name="affine"))

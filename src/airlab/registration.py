@@ -144,6 +144,17 @@ def compose_linear(transforms: Sequence[LinearTransform]) -> Affine:
 
 
 # --------------------------------------------------------------------------- inputs
+def _quantile(values: torch.Tensor, q: float) -> float:
+    """``torch.quantile(values, q)`` (linear interpolation) by selection instead of a full
+    sort: half the time on a brain volume, and no size limit."""
+    position = q * (values.numel() - 1)
+    k = math.floor(position)
+    lo = float(values.kthvalue(k + 1).values)
+    if position == k:
+        return lo
+    return lo + (position - k) * (float(values.kthvalue(k + 2).values) - lo)
+
+
 def _normalise(data: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Map intensities so that the 1st..99th percentiles (inside the mask) span 0..1, per image
     and channel: regulariser weights then mean the same on every image."""
@@ -153,9 +164,10 @@ def _normalise(data: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for c in range(data.shape[1]):
             x = data[n, c]
             vals = x[mask[min(n, mask.shape[0] - 1), 0] > 0] if mask is not None else x.reshape(-1)
-            if vals.numel() > 2_000_000:  # quantile() has a size limit; a strided subset is plenty
+            if vals.numel() > 2_000_000:  # a strided subset is plenty
                 vals = vals[:: vals.numel() // 1_000_000 + 1]
-            lo, hi = torch.quantile(vals.float(), torch.tensor([0.01, 0.99], device=vals.device)).tolist()
+            vals = vals.float()
+            lo, hi = _quantile(vals, 0.01), _quantile(vals, 0.99)
             if hi - lo <= 1e-12 * max(abs(hi), 1.0):
                 lo, hi = float(vals.min()), float(vals.max())
             chans.append((x - lo) / (hi - lo if hi > lo else 1.0))

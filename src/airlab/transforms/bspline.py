@@ -88,15 +88,23 @@ class BSplineTransform(Transform):
         if not np.allclose(grid.direction, self.control.direction, atol=1e-9):
             return super().displacement(grid)
         c = self.coefficients
-        # continuous control index of each grid voxel, axis by axis
-        to_index = self.control.physical_to_index_matrix() @ grid.index_to_physical_matrix()
-        matrices = []
-        for a in range(self.ndim):
-            j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
-            u = to_index[a, a] * j + to_index[a, self.ndim]
-            valid = (u >= 1 - _EDGE) & (u <= self.control.size[a] - 2 + _EDGE)
-            matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
-        return splines.apply_axis_weights(c, matrices)
+        # an optimisation evaluates the spline on the same grid at every step: the weights are
+        # kept (a few small matrices; the key holds the control grid, which refine() replaces)
+        key = (grid, self.control, c.dtype, c.device)
+        cache = self.__dict__.setdefault("_axis_weights", {})
+        if key not in cache:
+            # continuous control index of each grid voxel, axis by axis
+            to_index = self.control.physical_to_index_matrix() @ grid.index_to_physical_matrix()
+            matrices = []
+            for a in range(self.ndim):
+                j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
+                u = to_index[a, a] * j + to_index[a, self.ndim]
+                valid = (u >= 1 - _EDGE) & (u <= self.control.size[a] - 2 + _EDGE)
+                matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
+            if len(cache) >= 4:
+                cache.clear()
+            cache[key] = matrices
+        return splines.apply_axis_weights(c, cache[key])
 
     @torch.no_grad()
     def refine(self) -> None:
