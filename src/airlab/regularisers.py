@@ -5,11 +5,11 @@ Every function takes a displacement ``[N, D, *grid.shape]`` (channel ``c`` is th
 
 Derivatives are finite differences along the voxel axes (:func:`index_gradient`, the numbers of
 ``torch.gradient(edge_order=2)``: central inside, second-order one-sided at the borders, so
-fields up to quadratic are differentiated exactly everywhere), taken with respect to the continuous index and converted to physical coordinates
-by the chain rule. The index->physical map ``x = M i + o`` (``M = direction @ diag(spacing)``)
-is affine, so ``d/dx_j = sum_a (M^-1)[a, j] d/di_a`` with constant coefficients: this is exact
-for oblique and anisotropic grids, and applying it twice gives physical second derivatives
-(no curvature term).
+fields up to quadratic are differentiated exactly everywhere), taken with respect to the
+continuous index and converted to physical coordinates by the chain rule. The index->physical
+map ``x = M i + o`` (``M = direction @ diag(spacing)``) is affine, so
+``d/dx_j = sum_a (M^-1)[a, j] d/di_a`` with constant coefficients: this is exact for oblique and
+anisotropic grids, and applying it twice gives physical second derivatives (no curvature term).
 
 Central differences do not see the odd-even (checkerboard) mode of a field inside the domain:
 ``diffusion``, ``total_variation`` and ``bending_energy`` penalise it only through the borders.
