@@ -17,7 +17,7 @@ import torch
 import airlab as al
 from airlab.datasets import example_path, mni152
 from airlab.evaluate import dice, endpoint_error, jacobian_stats
-from airlab.presets import preset
+from airlab.pipelines import preset
 from airlab.registration import Registration
 from airlab.synthetic import ground_truth, invert_grey_white, random_deformation
 

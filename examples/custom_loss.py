@@ -11,7 +11,7 @@ from torch import nn
 
 import airlab as al
 from airlab.datasets import example_path
-from airlab.presets import preset
+from airlab.pipelines import preset
 from airlab.registration import Registration
 from airlab.synthetic import ground_truth, random_deformation
 

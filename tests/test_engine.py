@@ -10,7 +10,7 @@ import airlab as al
 from airlab.datasets import example_path
 from airlab.demons import demons
 from airlab.losses import MSE, NCC
-from airlab.presets import preset, pyramid
+from airlab.pipelines import preset, pyramid
 from airlab.registration import Level, Registration, RegistrationError, Stage
 from airlab.regularisers import Diffusion
 from airlab.synthetic import ground_truth, random_deformation
@@ -136,12 +136,12 @@ def test_demons_recovers_the_deformation(pair):
 def test_stages_share_pyramid_levels(pair, monkeypatch):
     """rigid, affine and the deformable stage start on the same coarse levels: each (shrink,
     sigma) is smoothed and downsampled once per registration, not once per stage."""
-    from airlab import registration
+    from airlab import pyramid as pyramids
 
     fixed, moving, _ = pair
     calls = []
-    original = registration._prepare_level
-    monkeypatch.setattr(registration, "_prepare_level", lambda level, *a: calls.append(level) or original(level, *a))
+    original = pyramids.prepare_level
+    monkeypatch.setattr(pyramids, "prepare_level", lambda level, *a: calls.append(level) or original(level, *a))
     stages = preset("bspline", fixed.grid)
     for stage in stages:
         for level in stage.levels:
@@ -303,7 +303,7 @@ def test_presets_do_not_import_dynamo():
 
     code = (
         "import sys, torch, airlab as al\n"
-        "from airlab.presets import preset\n"
+        "from airlab.pipelines import preset\n"
         "from airlab.registration import Registration\n"
         "from airlab.datasets import example_path\n"
         "f = al.read_image(example_path('mni152_t1_1mm_axial')).to(torch.float32)\n"
@@ -316,12 +316,3 @@ def test_presets_do_not_import_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
-def test_quantile_by_selection_is_torch_quantile(n):
-    from airlab.registration import _quantile
-
-    values = torch.randn(n, generator=torch.Generator().manual_seed(n)) ** 3
-    for q in (0.0, 0.01, 0.5, 0.99, 1.0):
-        assert _quantile(values, q) == pytest.approx(float(torch.quantile(values, q)), rel=1e-6, abs=1e-7)

@@ -15,6 +15,7 @@ from airlab.losses import (
     NCC,
     NGF,
     NMI,
+    SSIM,
     MutualInformation,
     landmark_distance,
     lncc,
@@ -23,6 +24,7 @@ from airlab.losses import (
     ncc,
     ngf,
     nmi,
+    ssim,
 )
 
 SHAPES = {2: (9, 8), 3: (6, 5, 7)}
@@ -55,11 +57,14 @@ LOSS_FNS = {
     "mi": lambda f, m, w, d: mutual_information(f, m, w, bins=8, fixed_range=RANGE, moving_range=RANGE),
     "nmi": lambda f, m, w, d: nmi(f, m, w, bins=8, fixed_range=RANGE, moving_range=RANGE),
     "ngf": lambda f, m, w, d: ngf(f, m, w, spacing=SPACING[d]),
+    # a fixed L: the default one (the range of the fixed image) has no gradient
+    "ssim": lambda f, m, w, d: ssim(f, m, w, data_range=RANGE[1] - RANGE[0]),
 }
 
 
 # --------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("name", list(LOSS_FNS))
+# SSIM's 11-tap windows make a full gradcheck on these shapes slow: test_ssim_gradcheck uses smaller ones
+@pytest.mark.parametrize("name", [name for name in LOSS_FNS if name != "ssim"])
 @pytest.mark.parametrize("d", [2, 3])
 def test_gradcheck(name, d, rng):
     shape = (2, 1, *SHAPES[d]) if d == 2 else (1, 2, *SHAPES[d])
@@ -293,6 +298,104 @@ def test_ngf_relative_eps(rng):
     assert (ngf(x, x, spacing=(1.0, 2.0), eps=1e-6) < 1e-6).all()
 
 
+# --------------------------------------------------------------------------- SSIM
+def ssim_reference(f, m, w=None, data_range=None):
+    """scipy: Gaussian sums (sigma 1.5, radius 5, zero padding) renormalised by the window's
+    weight, then the weighted mean of the SSIM map (``[N, C, *S]`` numpy -> ``[N]``)."""
+    g = lambda x: ndimage.gaussian_filter(x, 1.5, truncate=3.5, mode="constant", cval=0.0)  # noqa: E731
+    out = np.zeros(f.shape[:2])
+    for n, c in np.ndindex(*f.shape[:2]):
+        x, y = f[n, c], m[n, c]
+        wn = np.ones_like(x) if w is None else w[min(n, len(w) - 1), 0]
+        L = data_range or np.ptp(x[wn > 0])
+        k = np.maximum(g(wn), 1e-300)  # windows with no weight at all are not counted anyway
+        mx, my = g(wn * x) / k, g(wn * y) / k
+        vx, vy, cxy = g(wn * x * x) / k - mx**2, g(wn * y * y) / k - my**2, g(wn * x * y) / k - mx * my
+        c1, c2 = (0.01 * L) ** 2, (0.03 * L) ** 2
+        s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        out[n, c] = 1 - (s * wn).sum() / wn.sum()
+    return out.mean(1)
+
+
+def _ssim_pair(rng, shape):
+    f = smooth(rng, shape)
+    return f, 0.6 * f + 0.4 * smooth(rng, shape) + 7.0  # related, but not identical
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_ssim_matches_references(d, rng):
+    shape = (2, 1, 16, 13) if d == 2 else (2, 1, 12, 11, 13)  # scikit-image needs 11 voxels
+    f, m = _ssim_pair(rng, shape)
+    w = random_weight(rng, (2, 1, *shape[2:]))
+    for weight in (None, w, w[:1]):
+        ref = ssim_reference(f.numpy(), m.numpy(), None if weight is None else weight.numpy())
+        np.testing.assert_allclose(ssim(f, m, weight).numpy(), ref, rtol=0, atol=1e-12)
+    ref = ssim_reference(f.numpy(), m.numpy(), data_range=250.0)
+    np.testing.assert_allclose(ssim(f, m, data_range=250.0).numpy(), ref, rtol=0, atol=1e-12)
+    # the default L is per batch element: a batch is its single calls
+    singles = torch.cat([ssim(f[i : i + 1], m[i : i + 1], w[i : i + 1]) for i in range(2)])
+    torch.testing.assert_close(ssim(f, m, w), singles, rtol=0, atol=1e-14)
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        return
+    inner = (Ellipsis,) + (slice(5, -5),) * d  # scikit-image reflects at the border, then crops it
+    ours = losses._ssim_map(f, m, None, data_range=None, sigma=1.5)[0]
+    for i in range(2):
+        a, b = f[i, 0].numpy(), m[i, 0].numpy()
+        mssim, full = structural_similarity(
+            a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=np.ptp(a), full=True
+        )
+        np.testing.assert_allclose(ours[i, 0][inner].numpy(), full[inner], rtol=0, atol=1e-12)
+        assert ours[i, 0][inner].mean().item() == pytest.approx(mssim, abs=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_ssim_mask_keeps_one_half(d, rng):
+    shape = (1, 1, 8, 14) if d == 2 else (1, 1, 5, 6, 12)
+    f, m = _ssim_pair(rng, shape)
+    w = torch.zeros(1, 1, *shape[2:], dtype=f.dtype)
+    w[..., :6] = 1
+    half = lambda x: x[..., :6].contiguous()  # noqa: E731
+    value = ssim(f, m, w)
+    torch.testing.assert_close(value, ssim(half(f), half(m)), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(value.numpy(), ssim_reference(half(f).numpy(), half(m).numpy()), rtol=0, atol=1e-12)
+    assert abs(value.item() - ssim(f, m).item()) > 1e-3
+
+
+def test_ssim_identical_images_range_and_scale(rng):
+    x, y = _ssim_pair(rng, (2, 1, 9, 8))
+    w = random_weight(rng, (2, 1, 9, 8))
+    zero = torch.zeros(2, dtype=x.dtype)
+    torch.testing.assert_close(ssim(x, x), zero, rtol=0, atol=1e-14)
+    torch.testing.assert_close(ssim(x, x, w), zero, rtol=0, atol=1e-14)
+    # float32 far from zero: the moments are taken relative to the fixed mean, in units of L
+    big = (x + 1e4).float()
+    assert ssim(big, big).abs().max().item() < 1e-6
+    torch.testing.assert_close(ssim(big, (y + 1e4).float()).double(), ssim(x + 1e4, y + 1e4), rtol=0, atol=1e-5)
+    # the default L is the range of the fixed image inside the mask
+    inside = x[1, 0][w[1, 0] > 0]
+    L = (inside.max() - inside.min()).item()
+    torch.testing.assert_close(ssim(x[1:], y[1:], w[1:]), ssim(x[1:], y[1:], w[1:], data_range=L))
+    # images and L scaled together: the same value; the loss stays within [0, 2]
+    torch.testing.assert_close(ssim(3 * x, 3 * y, data_range=30.0), ssim(x, y, data_range=10.0))
+    assert ((ssim(x, -y) > 0) & (ssim(x, -y) <= 2)).all()
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_ssim_gradcheck(d, rng):
+    shape = (2, 1, 5, 6) if d == 2 else (1, 1, 3, 4, 5)
+    f, m = _ssim_pair(rng, shape)
+    w = random_weight(rng, (shape[0], 1, *shape[2:]))
+    f.requires_grad_(True), m.requires_grad_(True)
+    # both images with a given L (the default one has no gradient, so it must not move with f)
+    assert torch.autograd.gradcheck(lambda a, b: ssim(a, b, w, data_range=110.0), (f, m), eps=1e-6, atol=1e-6)
+    # the moving image with the default L, without and with a weight (random projections: fast)
+    fd = f.detach()
+    assert torch.autograd.gradcheck(lambda v: ssim(fd, v), (m,), eps=1e-6, atol=1e-6, fast_mode=True)
+    assert torch.autograd.gradcheck(lambda v: SSIM()(fd, v, w), (m,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
 # --------------------------------------------------------------------------- masks, batches, channels
 @pytest.mark.parametrize("name", list(LOSS_FNS))
 @pytest.mark.parametrize("d", [2, 3])
@@ -365,7 +468,7 @@ def test_error_messages(rng):
     empty = torch.ones(2, 1, 6, 7)
     empty[1] = 0
     with_options = (lambda *a: lncc(*a, radius=1), lambda *a: ngf(*a, spacing=None))
-    for fn in (mse, ncc, mutual_information, nmi, *with_options):
+    for fn in (mse, ncc, mutual_information, nmi, ssim, *with_options):
         with pytest.raises(ValueError, match=r"mask is empty .* \[1\]"):
             fn(f, m, empty)
     with pytest.raises(ValueError, match="unknown LNCC kernel"):
@@ -384,6 +487,16 @@ def test_error_messages(rng):
         LNCC(radius_mm=3)(f, m)
     with pytest.raises(ValueError, match=r"grid of shape \(7, 6\) does not match"):
         NGF()(f, m, grid=Grid((6, 7)))
+    with pytest.raises(ValueError, match=r"fixed \(2, 1, 6, 7\) and moving \(2, 1, 7, 6\)"):
+        ssim(f, m.transpose(2, 3))
+    with pytest.raises(ValueError, match=r"\[N, C, H, W\] or \[N, C, D, H, W\], got shape \(2, 1, 7\)"):
+        ssim(f[:, :, 0], m[:, :, 0])  # 1D
+    with pytest.raises(ValueError, match="data_range must be positive"):
+        ssim(f, m, data_range=0)
+    with pytest.raises(ValueError, match="sigma must be positive"):
+        SSIM(sigma=0)
+    with pytest.raises(ValueError, match=r"grid of shape \(7, 6\) does not match"):
+        SSIM()(f, m, grid=Grid((6, 7)))
 
 
 # --------------------------------------------------------------------------- modules
@@ -391,7 +504,7 @@ def test_modules_match_functions(rng):
     grid = Grid((9, 8, 7), (0.8, 2.6, 1.4))  # ITK size; tensor shape (7, 8, 9)
     shape = (2, 1, *grid.shape)
     f, m, w = smooth(rng, shape), smooth(rng, shape), random_weight(rng, (2, 1, *grid.shape))
-    assert set(LOSSES) == {"mse", "ncc", "lncc", "mi", "nmi", "ngf"}
+    assert set(LOSSES) == {"mse", "ncc", "lncc", "mi", "nmi", "ngf", "ssim"}
     cases = [
         (LOSSES["mse"](), mse(f, m, w)),
         (NCC(), ncc(f, m, w)),
@@ -400,6 +513,8 @@ def test_modules_match_functions(rng):
         (NMI(bins=16), mutual_information(f, m, w, bins=16, normalized=True)),
         (NGF(eps=0.2), ngf(f, m, w, spacing=grid.spacing, eps=0.2)),
         (MSE(), mse(f, m, w)),
+        (LOSSES["ssim"](), ssim(f, m, w)),
+        (SSIM(data_range=50, sigma=1.0), ssim(f, m, w, data_range=50.0, sigma=1.0)),
     ]
     for module, expected in cases:
         assert torch.equal(module(f, m, w, grid=grid), expected), module
@@ -409,3 +524,4 @@ def test_modules_match_functions(rng):
     assert torch.equal(module(f, m, w, grid=grid), lncc(f, m, w, radius=(4, 1, 2)))
     assert LNCC(radius_mm=(0.1, 3.9, 2.1)).voxel_radius(grid) == (1, 2, 2)
     assert "radius_mm=3.0" in repr(module)
+    assert "data_range=None, sigma=1.5" in repr(SSIM())

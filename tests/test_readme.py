@@ -32,7 +32,7 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     t1 = repr(str(example_path("mni152_t1_2mm")))
     axial = repr(str(example_path("mni152_t1_1mm_axial")))
     blocks = _blocks("python")
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     code = "\n".join(blocks)
     code = code.replace('"t1.nii.gz"', t1).replace('"fixed.nii.gz"', axial).replace('"moving.nii.gz"', axial)
     monkeypatch.chdir(tmp_path)

@@ -10,7 +10,10 @@ from airlab.regularisers import (
     BendingEnergy,
     Diffusion,
     JacobianFolding,
+    ParameterNorm,
+    Sparsity,
     TotalVariation,
+    TotalVariationL1,
     bending_energy,
     diffusion,
     folding_penalty,
@@ -18,7 +21,10 @@ from airlab.regularisers import (
     index_gradient,
     jacobian,
     jacobian_determinant,
+    parameter_norm,
+    sparsity,
     total_variation,
+    total_variation_l1,
 )
 
 from conftest import oblique_grid, smooth_field
@@ -30,6 +36,8 @@ FUNCTIONS = {
     "diffusion": diffusion,
     "bending": bending_energy,
     "tv": lambda u, g: total_variation(u, g, eps=0.1),
+    "tv-l1": total_variation_l1,
+    "sparsity": sparsity,
     "folding": lambda u, g: folding_penalty(u, g, threshold=1.0),
 }
 
@@ -135,19 +143,23 @@ def test_gradcheck(name, d, rng):
 def test_modules_registry_dtype():
     grid = Grid((6, 5, 4), spacing=(1.0, 1.5, 2.0))
     u = torch.randn(2, 3, *grid.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
-    assert set(REGULARISERS) == {"diffusion", "bending", "tv", "folding"}
+    assert set(REGULARISERS) == {"diffusion", "bending", "tv", "tv-l1", "sparsity", "folding"}
     assert REGULARISERS["diffusion"] is Diffusion and REGULARISERS["bending"] is BendingEnergy
     expected = {
         "diffusion": diffusion(u, grid),
         "bending": bending_energy(u, grid),
         "tv": total_variation(u, grid, eps=0.3),
         "folding": folding_penalty(u, grid, threshold=0.2),
+        "tv-l1": total_variation_l1(u, grid),
+        "sparsity": sparsity(u, grid),
     }
     modules = {
         "diffusion": Diffusion(),
         "bending": BendingEnergy(),
         "tv": TotalVariation(eps=0.3),
         "folding": JacobianFolding(threshold=0.2),
+        "tv-l1": TotalVariationL1(),
+        "sparsity": Sparsity(),
     }
     for name, module in modules.items():
         assert isinstance(module, REGULARISERS[name])
@@ -169,6 +181,78 @@ def test_errors():
         diffusion(torch.zeros(1, 2, 2, 6), Grid((6, 2)))
     with pytest.raises(ValueError, match="eps must be positive"):
         TotalVariation(eps=0)
+    with pytest.raises(ValueError, match="does not fit the grid"):
+        sparsity(torch.zeros(1, 2, 5, 5), grid)
+    with pytest.raises(ValueError, match="3 voxels along every axis"):
+        total_variation_l1(torch.zeros(1, 2, 2, 6), Grid((6, 2)))
+    sparsity(torch.zeros(1, 2, 2, 6), Grid((6, 2)))  # no derivatives, so no minimum size
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        parameter_norm(torch.zeros(2, 3), order=3)
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        ParameterNorm(order=0)
+    with pytest.raises(ValueError, match=r"batch axis first, got shape \(3,\)"):
+        parameter_norm(torch.zeros(3))
+    with pytest.raises(ValueError, match="floating-point"):
+        parameter_norm(torch.zeros(2, 3, dtype=torch.long))
+
+
+# --------------------------------------------------------------------------- TV-L1, sparsity, parameters
+ANISOTROPIC = {
+    2: Grid((7, 5), spacing=(0.6, 2.5), origin=(3.0, -4.0)),
+    3: Grid((6, 5, 4), spacing=(0.6, 2.5, 1.3), origin=(3.0, -4.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_tv_l1_of_a_linear_field(d, rng):
+    a = torch.as_tensor(rng.normal(size=(d, d)) * 0.3)
+    b = torch.as_tensor(rng.normal(size=d))
+    expected = a.abs().sum().reshape(1)
+    permuted = np.eye(d)[::-1] * np.r_[-1.0, np.ones(d - 1)]  # axis-aligned, flipped and swapped
+    tiny = Grid((3,) * d, spacing=ANISOTROPIC[d].spacing)  # every voxel but one is on the border
+    flipped = Grid(ANISOTROPIC[d].size, ANISOTROPIC[d].spacing, direction=permuted.ravel())
+    grids = [ANISOTROPIC[d], _grid(d, rng), tiny, flipped]
+    for grid in grids:
+        u = _field_from(grid, lambda x: x @ a.T + b)
+        # second-order one-sided differences at the border are exact for linear fields, so every
+        # voxel, border included, has density sum |A_ij|
+        torch.testing.assert_close(total_variation_l1(u, grid), expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(total_variation_l1(u, grid), jacobian(u, grid).abs().sum((1, 2)).flatten(1).mean(1))
+    # the sum of |.| depends on the axes: the rotated field x -> R A R^T x has another value
+    r = torch.as_tensor(np.linalg.qr(rng.normal(size=(d, d)))[0])
+    u = _field_from(ANISOTROPIC[d], lambda x: x @ (r @ a @ r.T).T)
+    assert abs(total_variation_l1(u, ANISOTROPIC[d]).item() - expected.item()) > 1e-3
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_tv_l1_and_sparsity_in_physical_units(d, rng):
+    grid = ANISOTROPIC[d]
+    # the same index field u_i = B[i, a] * index_a (mm) on two spacings: du_i/dx_a = B[i, a] / s_a
+    bmat = torch.as_tensor(rng.normal(size=(d, d)))
+    index = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in grid.shape], indexing="ij"))
+    index = index.flip(0)  # tensor axis order -> ITK index order
+    u = torch.einsum("ia,a...->i...", bmat, index)[None]
+    for spacing in (grid.spacing, tuple(2.0 * s for s in grid.spacing), (1.0,) * d):
+        g = Grid(grid.size, spacing, grid.origin)
+        expected = (bmat.abs() / torch.as_tensor(spacing, dtype=torch.float64)).sum().reshape(1)
+        torch.testing.assert_close(total_variation_l1(u, g), expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(sparsity(u, g), u.abs().sum(1).mean().reshape(1))  # mm: spacing-free
+    # a constant field: sum |b_i| mm at every voxel
+    b = torch.as_tensor(rng.normal(size=d))
+    const = b.reshape(1, d, *([1] * d)).expand(2, d, *grid.shape)
+    torch.testing.assert_close(sparsity(const, grid), b.abs().sum().expand(2), rtol=1e-14, atol=0)
+    torch.testing.assert_close(total_variation_l1(const, grid), torch.zeros(2, dtype=b.dtype), rtol=0, atol=1e-14)
+
+
+def test_parameter_norm():
+    p = torch.tensor([[[1.0, -2.0], [3.0, 0.0]], [[0.5, 0.5], [-0.5, -0.5]]], dtype=torch.float64)
+    torch.testing.assert_close(parameter_norm(p), torch.tensor([1.5, 0.5], dtype=p.dtype))
+    torch.testing.assert_close(parameter_norm(p, order=2), torch.tensor([3.5, 0.25], dtype=p.dtype))
+    assert torch.equal(ParameterNorm(order=2)(p), parameter_norm(p, 2)) and "order=2" in repr(ParameterNorm(2))
+    assert "parameter" not in " ".join(REGULARISERS) and ParameterNorm not in REGULARISERS.values()
+    q = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    for order in (1, 2):
+        assert torch.autograd.gradcheck(lambda v: parameter_norm(v, order), (q,), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("sheared", [False, True])

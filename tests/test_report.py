@@ -170,3 +170,31 @@ def test_browser_renders_the_report(reports, tmp_path):
     rendered = re.search(r'id="rendered"[^>]*>(\d+) of (\d+)<', done.stdout)
     assert rendered, done.stderr[-2000:]
     assert rendered.group(1) == rendered.group(2) == "4"
+
+
+def test_a_moving_image_elsewhere_in_space_is_shown_on_its_own_planes(tmp_path):
+    """Another scanner's coordinates put the moving image 200 mm away: its panels were black."""
+    fixed = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
+    g = fixed.grid
+    far = al.Image(fixed.data.clone(), al.Grid(g.size, g.spacing, np.asarray(g.origin) + [200.0, -50.0], g.direction))
+    planes = report._planes(fixed, report._window(fixed))
+    zero = torch.zeros(1, 2, *g.shape)
+    views = report._views(fixed, far, fixed, zero, torch.ones(1, *g.shape), planes, (fixed.data > 50).float())
+    assert views[0]["moving_plane"] is not None and np.isfinite(views[0]["moving"]).mean() > 0.9
+    near = report._views(fixed, fixed, fixed, zero, torch.ones(1, *g.shape), planes, (fixed.data > 50).float())
+    assert near[0]["moving_plane"] is None
+    png, _ = write_report(tmp_path, fixed, far, fixed, zero[:, :2], HISTORY, METRICS)
+    assert png.stat().st_size > 10_000
+
+
+def test_deformation_panels_show_the_deformable_part_relative_to_the_linear_one():
+    """T = L o D: the panels take D (L^-1 T), not the affine's shift and scale."""
+    grid = al.Grid([20, 24], [1.5, 1.0], [3.0, -7.0])
+    linear = al.transforms.Affine(2, 1, matrix=torch.tensor([[[1.2, 0.1], [-0.05, 0.9]]], dtype=torch.float64),
+                                  translation=torch.tensor([[15.0, -8.0]], dtype=torch.float64),
+                                  center=torch.tensor([[10.0, 5.0]], dtype=torch.float64))
+    deformable = _folded(grid) * 0.1  # smooth, known
+    field = al.transforms.DisplacementField(grid, 1, deformable)
+    whole = al.transforms.Composite(field, linear).displacement(grid).detach()
+    relative = report._relative_to_linear(whole, grid, linear)
+    assert torch.allclose(relative, deformable, atol=1e-9)

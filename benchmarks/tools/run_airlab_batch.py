@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import airlab as al
-from airlab.presets import preset
+from airlab.pipelines import preset
 from airlab.registration import Registration
 from airlab.transforms import write_displacement_field
 

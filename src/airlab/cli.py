@@ -3,44 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from .errors import AirlabError
+from .pipelines.schema import METRICS, PRESETS
+from .workflows.staging import staged_output
+
 EXIT_FAILURE, EXIT_USAGE = 1, 2
-
-
-class OutputExists(click.UsageError):
-    pass
-
-
-@contextmanager
-def staged_output(outdir: Path, names: list[str], overwrite: bool):
-    """Write into a temporary folder beside ``outdir`` and move the files into place only when
-    everything succeeded; never touch a file of the user's unless ``overwrite`` and it is one of
-    ``names``."""
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise click.UsageError(f"output {outdir} exists and is not a folder")
-    clashes = [n for n in names if (outdir / n).exists()]
-    if clashes and not overwrite:
-        raise OutputExists(f"{outdir} already holds {', '.join(clashes)}; pass --overwrite to replace them")
-    parent = outdir.parent if outdir.parent.exists() else Path(tempfile.gettempdir())
-    stage = Path(tempfile.mkdtemp(prefix=".airlab-", dir=parent))
-    try:
-        yield stage
-        outdir.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if (stage / name).exists():
-                shutil.move(str(stage / name), str(outdir / name))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -54,7 +27,6 @@ def main(debug: bool):
     """
 
 
-REGISTER_OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "affine.txt", "metrics.json", "report.png", "report.html"]
 INTERPOLATION_CHOICES = ["linear", "nearest", "bspline", "label"]
 
 
@@ -78,10 +50,10 @@ def _read(path: Path):
 @click.argument("fixed", type=click.Path(exists=True, path_type=Path))
 @click.argument("moving", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
-@click.option("--preset", type=click.Choice(["rigid", "affine", "bspline", "diffeomorphic"]), default="diffeomorphic",
+@click.option("--preset", type=click.Choice(PRESETS), default="diffeomorphic",
               show_default=True, help="Pipeline: rigid; affine (rigid, affine); bspline or diffeomorphic "
               "(rigid, affine, then a deformation).")
-@click.option("--metric", type=click.Choice(["mse", "ncc", "lncc", "mi", "nmi", "ngf"]), default=None,
+@click.option("--metric", type=click.Choice(METRICS), default=None,
               help="Similarity of the deformable stage (default: mutual information, which works within and "
               "across contrasts).")
 @click.option("--fixed-mask", type=click.Path(exists=True, path_type=Path), help="Only voxels inside it count.")
@@ -89,8 +61,9 @@ def _read(path: Path):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the engine's random source.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML pipeline: a preset to adjust, or stages written out (see airlab.config). Options "
-              "given on the command line win over the file.")
+              help="YAML pipeline: a preset to adjust, or stages written out (see airlab.pipelines), or the "
+              "metrics.json of an earlier run (replays its pipeline). Options given on the command line win "
+              "over the file.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 @click.option("--no-report", is_flag=True, help="Skip report.png and report.html (saves a few seconds per pair).")
 @click.option("--overwrite", is_flag=True, help="Replace airlab outputs already in OUTDIR (nothing else is touched).")
@@ -102,113 +75,34 @@ def register(ctx, fixed, moving, outdir, preset, metric, fixed_mask, moving_mask
     mm, LPS, fixed point -> moving point), affine.txt (the linear part, ITK format) and
     metrics.json (what ran, objectives, timings, versions) into OUTDIR, and a visual check of the
     result: report.png and report.html (self-contained)."""
-    from .report import write_report
+    from .workflows import register_files
 
-    start = time.perf_counter()
-    pipeline = _pipeline(ctx, config_path, preset, metric)
-    if pipeline is not None:
-        explicit = lambda name: ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT  # noqa: E731
-        seed = seed if explicit("seed") or pipeline.seed is None else pipeline.seed
-        device = device if explicit("device") or pipeline.device is None else pipeline.device
-        preset = preset if explicit("preset") else (None if pipeline.stages else pipeline.preset)
-        metric = metric or pipeline.metric
-    dev = _device(device)
-    with staged_output(outdir, list(REGISTER_OUTPUTS), overwrite) as stage:
-        f = _read(fixed)
-        m = _read(moving)
-        fm = _read(fixed_mask) if fixed_mask else None
-        mm = _read(moving_mask) if moving_mask else None
-        metrics = _register_into(stage, f, m, fm, mm, preset=preset, metric=metric, device=dev, seed=seed,
-                                 quiet=quiet, pipeline=pipeline)
-        if config_path is not None:
-            metrics["config"] = {"file": str(config_path), **pipeline.model_dump(exclude_none=True)}
-        metrics.update({"fixed": str(fixed), "moving": str(moving),
-                        "fixed_mask": str(fixed_mask) if fixed_mask else None,
-                        "moving_mask": str(moving_mask) if moving_mask else None,
-                        "wall_time_s": round(time.perf_counter() - start, 3)})
-        result, warped, field = metrics.pop("_result"), metrics.pop("_warped"), metrics.pop("_field")
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        if not no_report:
-            write_report(stage, f, m, warped, field[:1], result.history, metrics)  # after the final metrics
+    pipeline, preset, metric, seed, device, record = _pipeline(ctx, config_path, preset, metric, seed, device)
+    out = register_files(fixed, moving, outdir, pipeline, fixed_mask=fixed_mask, moving_mask=moving_mask,
+                         device=_device(device), seed=seed, progress=not quiet, report=not no_report,
+                         overwrite=overwrite, preset=preset, metric=metric, record=record)
     if not quiet:
-        click.echo(f"airlab register: {preset or 'config'} in {metrics['registration_time_s']:.1f} s; results in {outdir}/ "
-                   f"(report: {outdir / 'report.html'})")
+        click.echo(f"airlab register: {preset or 'config'} in {out.metrics['registration_time_s']:.1f} s; results in "
+                   f"{outdir}/ (report: {outdir / 'report.html'})")
 
 
-def _pipeline(ctx, config_path, preset, metric):
-    """The validated --config, or None; a bad file is a usage error naming the key."""
+def _pipeline(ctx, config_path, preset, metric, seed, device):
+    """The pipeline to run, from --preset/--metric and --config (options given on the command line
+    win over the file), with the preset, metric, seed and device that apply and what to record."""
+    from .pipelines import PipelineConfig, load_config
+
     if config_path is None:
-        return None
-    from .config import ConfigError, load_config
-
-    try:
-        pipeline = load_config(config_path)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    from_file = ctx.get_parameter_source("preset") is click.core.ParameterSource.DEFAULT
-    if pipeline.stages and from_file and metric is not None:
+        return PipelineConfig(preset=preset).resolve(metric=metric), preset, metric, seed, device, None
+    pipeline = load_config(config_path)
+    explicit = lambda name: ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT  # noqa: E731
+    if pipeline.stages and not explicit("preset") and metric is not None:
         raise click.UsageError(f"--metric applies to presets; the stages in {config_path} name their own losses")
-    return pipeline
-
-
-def _register_into(stage: Path, f, m, fm, mm, *, preset, metric, device, seed, quiet, pipeline=None):
-    """Register and write warped.nii.gz, displacement.nii.gz and affine.txt into ``stage``;
-    return the metrics (what ran, objectives, timings, versions), the result and the warped image."""
-    import platform
-
-    import SimpleITK as sitk
-    import torch
-
-    from . import __version__
-    from .image import Image, resample, write_image
-    from .presets import preset as make_preset
-    from .registration import Registration
-    from .transforms import DisplacementField, write_displacement_field, write_transform
-
-    if pipeline is None:
-        registration = Registration(make_preset(preset, f.grid, metric=metric), progress=not quiet, seed=seed)
-    else:
-        stages = make_preset(preset, f.grid, metric=metric) if preset else pipeline.build(f.grid)
-        init = None if pipeline.initialisation == "none" else pipeline.initialisation
-        registration = Registration(stages, initialisation=init, normalise=pipeline.normalise, progress=not quiet,
-                                    seed=seed)
-    result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=device)
-    with torch.no_grad():
-        # the transform sampled once on the fixed grid both warps the image and is the field
-        # written: evaluating a B-spline at every voxel twice took seconds at 2 mm
-        field = result.transform.displacement(f.grid)
-        dense = DisplacementField(f.grid, field.shape[0], field)
-        warped = resample(m.to(device) if m.data.is_floating_point() else m, f.grid, dense).to("cpu")
-    if warped.data.is_floating_point():
-        warped = Image(warped.data.float(), warped.grid)
-    linear = result.linear_part()
-    # compressing the outputs is most of the writing (0.5 s for a 2 mm field) and SimpleITK lets
-    # go of the GIL while it does: two files at once
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(write_image, warped, stage / "warped.nii.gz"),
-                pool.submit(write_displacement_field, dense.to("cpu"), f.grid, stage / "displacement.nii.gz")]
-        if linear is not None:
-            jobs.append(pool.submit(write_transform, linear.to("cpu"), stage / "affine.txt"))
-        for job in jobs:
-            job.result()
-    stages = [{"stage": h["stage"], "level": h["level"], "shrink": h["shrink"], "sigma_mm": h["sigma_mm"],
-               "grid_size": h["grid_size"], "iterations": h["iterations"],
-               "final_objective": h["objective"][-1] if h["objective"] else None,
-               "final_terms": h.get("final_terms", {}), "time_s": h["time_s"]} for h in result.history]
-    return {
-        "command": "register",
-        "preset": preset,
-        "metric": (metric or ("mi" if preset in ("bspline", "diffeomorphic") else "ncc")) if preset else None,
-        "device": str(device),
-        "seed": seed,
-        "stages": stages,
-        "registration_time_s": round(result.wall_time, 3),
-        "versions": {"airlab": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
-                     "python": platform.python_version()},
-        "_result": result,
-        "_warped": warped,
-        "_field": dense.field.detach().to("cpu"),  # [N, D, *shape] on the fixed grid
-    }
+    seed = seed if explicit("seed") or pipeline.seed is None else pipeline.seed
+    device = device if explicit("device") or pipeline.device is None else pipeline.device
+    preset = preset if explicit("preset") else (None if pipeline.stages else pipeline.preset)
+    metric = metric or (pipeline.metric if preset == pipeline.preset else None)
+    record = {"config": {"file": str(config_path), **pipeline.model_dump(mode="json", exclude_none=True)}}
+    return pipeline.resolve(preset, metric), preset, metric, seed, device, record
 
 
 @main.command()
@@ -263,13 +157,10 @@ def warp(image, transform_path, reference, output, interpolation, points, overwr
             np.savetxt(stage / points_out.name, mapped, delimiter=",", header=header, comments="", fmt="%.6f")
 
 
-DEMO_OUTPUTS = ["fixed.nii.gz", "moving.nii.gz"] + REGISTER_OUTPUTS
-
-
 @main.command()
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), default=Path("airlab-demo"),
               show_default=True, help="Folder for the results.")
-@click.option("--preset", type=click.Choice(["rigid", "affine", "bspline", "diffeomorphic"]), default="bspline",
+@click.option("--preset", type=click.Choice(PRESETS), default="bspline",
               show_default=True, help="Pipeline to run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the known deformation.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -280,49 +171,10 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
     'airlab register' writes, plus fixed.nii.gz and moving.nii.gz, and adds to metrics.json the
     error against the known answer (mm, inside the brain) and a check that SimpleITK,
     resampling moving with displacement.nii.gz, reproduces warped.nii.gz."""
-    import numpy as np
-    import SimpleITK as sitk
-    import torch
+    from .workflows.demo import run_demo
 
-    from . import resample, write_image
-    from .datasets import mni152
-    from .evaluate import endpoint_error, jacobian_stats
-    from .report import write_report
-    from .synthetic import ground_truth, random_deformation
-
-    start = time.perf_counter()
-    fixed, labels = mni152()
-    fixed = fixed.to(torch.float32)
-    deformation = random_deformation(fixed.grid, seed)
-    with torch.no_grad():
-        moving = resample(fixed, fixed.grid, deformation, interpolation="bspline")
-    truth, _ = ground_truth(deformation, fixed.grid)
-    brain = (labels.data[0, 0] > 0).numpy()
-    with staged_output(outdir, DEMO_OUTPUTS, overwrite) as stage:
-        write_image(fixed, stage / "fixed.nii.gz")
-        write_image(moving, stage / "moving.nii.gz")
-        metrics = _register_into(stage, fixed, moving, None, None, preset=preset, metric=None, device="cpu",
-                                 seed=0, quiet=quiet)
-        result, warped, field = metrics.pop("_result"), metrics.pop("_warped"), metrics.pop("_field")
-        found = field[0].numpy()
-        error = endpoint_error(found, truth.field[0].numpy(), mask=brain)
-        # what another tool makes of the exported field
-        field = sitk.ReadImage(str(stage / "displacement.nii.gz"), sitk.sitkVectorFloat64)
-        by_sitk = sitk.Resample(sitk.ReadImage(str(stage / "moving.nii.gz")), sitk.ReadImage(str(stage / "fixed.nii.gz")),
-                                sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0)
-        ours = sitk.GetArrayFromImage(sitk.ReadImage(str(stage / "warped.nii.gz")))
-        metrics.update({
-            "command": "demo",
-            "deformation_seed": seed,
-            "known_displacement_max_mm": float(np.linalg.norm(truth.field[0].numpy(), axis=0).max()),
-            "endpoint_error_mm": error,
-            "folding_voxels": jacobian_stats(found, fixed.grid)["folding_count"],
-            "sitk_vs_airlab_max_abs_difference": float(np.abs(sitk.GetArrayFromImage(by_sitk) - ours)[brain].max()),
-            "intensity_range": float(fixed.data.max() - fixed.data.min()),
-            "wall_time_s": round(time.perf_counter() - start, 3),
-        })
-        (stage / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_report(stage, fixed, moving, warped, torch.as_tensor(found), result.history, metrics)
+    metrics = run_demo(outdir, preset=preset, seed=seed, progress=not quiet, overwrite=overwrite)
+    error = metrics["endpoint_error_mm"]
     click.echo(f"airlab demo: results in {outdir}/ (fixed, moving, warped, displacement, affine, metrics, report)")
     click.echo(f"  {preset}: {metrics['registration_time_s']:.1f} s; known deformation up to "
                f"{metrics['known_displacement_max_mm']:.1f} mm; error in the brain {error['mean']:.2f} mm mean, "
@@ -427,35 +279,40 @@ def _read_points(path: Path):
         raise click.ClickException(f"{path}: not a CSV of numbers ({exc})") from None
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+
+
 def run():  # pragma: no cover - console entry point with friendly errors
-    debug = "--debug" in sys.argv[1:]
+    """``airlab``: errors are one line on stderr; exit 2 for usage (and unusable input given
+    before any work), 1 for failures; ``--debug`` shows the traceback instead."""
+    debug = False
     try:
-        code = main(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
+        with main.make_context("airlab", sys.argv[1:]) as ctx:
+            debug = ctx.params["debug"]
+            main.invoke(ctx)
+        sys.exit(0)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.UsageError as exc:
-        if debug:
-            raise
-        click.echo(f"airlab: error: {exc.format_message()}", err=True)
-        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        sys.exit(EXIT_FAILURE)
     except click.ClickException as exc:
         if debug:
             raise
         click.echo(f"airlab: error: {exc.format_message()}", err=True)
-        sys.exit(EXIT_FAILURE)
-    except click.exceptions.Abort:
-        sys.exit(EXIT_FAILURE)
-    except (MemoryError, RuntimeError) as exc:
-        if debug:
-            raise
-        text = " ".join(str(exc).split())
-        if isinstance(exc, MemoryError) or "out of memory" in text.lower():
-            text = f"out of memory ({text or 'MemoryError'}); try --device cpu or smaller images"
-        click.echo(f"airlab: error: {text}", err=True)
-        sys.exit(EXIT_FAILURE)
-    except Exception as exc:  # noqa: BLE001 - one line, no traceback, for users
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else EXIT_FAILURE)
+    except AirlabError as exc:
         if debug:
             raise
         click.echo(f"airlab: error: {' '.join(str(exc).split())}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - one line, no traceback, for users
+        if debug:
+            raise
+        text = " ".join(str(exc).split())
+        if _out_of_memory(exc):
+            text = f"out of memory ({text or type(exc).__name__}); try --device cpu or smaller images"
+        click.echo(f"airlab: error: {text or type(exc).__name__}", err=True)
         sys.exit(EXIT_FAILURE)

@@ -16,7 +16,10 @@ import torch
 
 from .filters import gaussian_smooth, spatial_gradient
 from .image import Image
-from .registration import Level, Result, RegistrationError, _check_contrast, _check_image, _normalise, _prepare_level
+from .errors import RegistrationError
+from .inputs import check_contrast, check_image, check_pair_geometry, normalise as normalise_intensities
+from .pyramid import Level, prepare_level
+from .registration import Result
 from .spatial import Grid, sample
 from .transforms import Composite, DisplacementField, Transform
 from .transforms.dense import compose_displacements
@@ -58,22 +61,23 @@ def demons(
     start = time.perf_counter()
     if fixed.ndim != moving.ndim:
         raise RegistrationError(f"cannot register a {moving.ndim}D moving image to a {fixed.ndim}D fixed image")
-    _check_image(fixed, "fixed")
-    _check_image(moving, "moving")
+    check_pair_geometry(fixed.grid, moving.grid)
+    check_image(fixed, "fixed")
+    check_image(moving, "moving")
     dtype = torch.float32
     f = fixed.data.to(dtype)
     m = moving.data.to(dtype)
-    _check_contrast(f, None, "fixed")
-    _check_contrast(m, None, "moving")
+    check_contrast(f, None, "fixed")
+    check_contrast(m, None, "moving")
     if normalise:
-        f, m = _normalise(f, None), _normalise(m, None)
+        f, m = normalise_intensities(f, None), normalise_intensities(m, None)
     batch = max(f.shape[0], m.shape[0])
     if initial is not None:
         initial = initial.to(dtype)
     field, grid = None, None
     history = []
     for li, level in enumerate(levels):
-        data = _prepare_level(level, f, fixed.grid, None, m, moving.grid, None)
+        data = prepare_level(level, f, fixed.grid, None, m, moving.grid, None)
         g = data.grid
         if field is None:
             field = torch.zeros(batch, g.ndim, *g.shape, dtype=dtype, device=f.device)

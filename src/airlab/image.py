@@ -10,16 +10,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .errors import ImageIOError
 from .spatial import Grid, sample
 
 __all__ = ["Image", "ImageIOError", "read_image", "write_image", "resample"]
 
 # Unsigned types torch cannot compute with are widened on reading and restored on writing.
 _WIDEN = {np.dtype(np.uint16): np.dtype(np.int32), np.dtype(np.uint32): np.dtype(np.int64)}
-
-
-class ImageIOError(RuntimeError):
-    """An image could not be read or written; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +68,30 @@ class Image:
             array = array[None]
         return cls(torch.from_numpy(np.ascontiguousarray(array))[None], grid, file_dtype)
 
+    @classmethod
+    def from_nibabel(cls, image) -> "Image":
+        """From a nibabel image (RAS affine) to LPS physical space, as SimpleITK reads the file."""
+        return _nibabel_to_image(image)
+
+    def to_nibabel(self, index: int = 0):
+        """Element ``index`` of the batch as a ``nibabel.Nifti1Image`` (RAS affine)."""
+        import nibabel
+
+        g = self.grid
+        d = g.ndim
+        m = np.eye(4)
+        lin = np.asarray(g.direction_matrix) * np.asarray(g.spacing)
+        m[:d, :d], m[:d, 3] = lin, g.origin
+        m = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
+        array = self.data[index].detach().cpu().numpy()
+        array = array.transpose(0, *range(d, 0, -1))  # [C, *index axes]
+        array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+        if d == 2:
+            array = array[:, :, None] if array.ndim == 2 else array[:, :, None, :]
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        return nibabel.Nifti1Image(array, m)
+
     def to_sitk(self, index: int = 0, dtype=None) -> sitk.Image:
         """Element ``index`` of the batch as a SimpleITK image (vector image if C > 1)."""
         array = self.data[index].detach().cpu().numpy()
@@ -92,7 +113,31 @@ class Image:
         return out
 
 
-def _reason(exc: Exception) -> str:
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _nibabel_to_image(image) -> "Image":
+    array = np.asanyarray(image.dataobj)
+    if array.ndim not in (2, 3, 4):
+        raise ValueError(f"a nibabel image of shape {array.shape} is not a 2D or 3D image")
+    affine = np.asarray(image.affine, dtype=float)
+    if array.ndim == 2:  # a 2D NIfTI is 3D with one slice; keep the in-plane geometry
+        m = (_LPS_FROM_RAS @ affine[:3, :3])[:2, :2]
+        origin = (_LPS_FROM_RAS @ affine[:3, 3])[:2]
+    else:
+        m = _LPS_FROM_RAS @ affine[:3, :3]
+        origin = _LPS_FROM_RAS @ affine[:3, 3]
+    spacing = np.linalg.norm(m, axis=0)
+    channels = array.reshape(*array.shape[:3], -1) if array.ndim == 4 else array[..., None]
+    d = len(spacing)
+    data = np.moveaxis(channels, -1, 0).transpose(0, *range(d, 0, -1))  # [C, *reversed index axes]
+    if data.dtype in _WIDEN:
+        data = data.astype(_WIDEN[data.dtype])
+    grid = Grid(list(array.shape[:d]), spacing, origin, (m / spacing).reshape(-1))
+    return Image(torch.from_numpy(np.ascontiguousarray(data))[None], grid)
+
+
+def itk_reason(exc: Exception) -> str:
     """The informative line of an ITK exception (they span many lines)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     for ln in lines:
@@ -136,7 +181,7 @@ def read_image(path: str | os.PathLike, *, series: str | None = None) -> Image:
     except ImageIOError:
         raise
     except RuntimeError as exc:
-        raise ImageIOError(f"cannot read image {path}: {_reason(exc)}") from None
+        raise ImageIOError(f"cannot read image {path}: {itk_reason(exc)}") from None
     if image.GetDimension() not in (2, 3):
         raise ImageIOError(
             f"cannot read image {path}: {image.GetDimension()}D images are not supported (2D or 3D)"
@@ -155,7 +200,7 @@ def write_image(image: Image, path: str | os.PathLike, *, dtype=None, compress: 
     try:
         sitk.WriteImage(image.to_sitk(0, dtype), str(path), compress)
     except (RuntimeError, ValueError) as exc:
-        raise ImageIOError(f"cannot write image {path}: {_reason(exc)}") from None
+        raise ImageIOError(f"cannot write image {path}: {itk_reason(exc)}") from None
 
 
 def resample(

@@ -40,6 +40,7 @@ __all__ = [
     "mutual_information",
     "nmi",
     "ngf",
+    "ssim",
     "landmark_distance",
     "MSE",
     "NCC",
@@ -47,6 +48,7 @@ __all__ = [
     "MutualInformation",
     "NMI",
     "NGF",
+    "SSIM",
     "LOSSES",
 ]
 
@@ -261,10 +263,21 @@ def lncc(
 
     f = _standardise(fixed, weight, weight_sum)
     m = _standardise(moving, weight, weight_sum)
-    n, c, spatial = moving.shape[0], moving.shape[1], moving.shape[2:]
-    w = weight if weight is not None else moving.new_ones((1, 1, *spatial))
+    _, _, var_f, var_m, cov = _local_moments(f, m, weight, windows)
+    cc = cov.square() / (var_f * var_m + eps)
+    return 1 - _mean(cc, weight, weight_sum).mean(1)
+
+
+def _local_moments(f: torch.Tensor, m: torch.Tensor, weight, windows):
+    """Weighted local means, variances and covariance of ``f, m [N, C, *S]`` over ``windows``.
+
+    Each moment is a ratio of window sums, ``sum(k w x) / sum(k w)``, so voxels of weight 0 and
+    voxels beyond the border enter no window. Returns ``(mean_f, mean_m, var_f, var_m, cov)``.
+    """
+    n, c, spatial = f.shape[0], f.shape[1], f.shape[2:]
+    w = weight if weight is not None else f.new_ones((1, 1, *spatial))
     # Local weight; positive wherever w is, since every window contains its centre voxel.
-    tiny = torch.finfo(moving.dtype).eps ** 2  # only guards windows with no weight at all
+    tiny = torch.finfo(f.dtype).eps ** 2  # only guards windows with no weight at all
     local_w = _separable_filter(w, windows).clamp_min(tiny).unsqueeze(2)  # [Nw, 1, 1, *S]
     wf, wm = w * f, w * m
     sums = torch.stack((wf, wm, wf * f, wm * m, wf * m), dim=2)  # [N, C, 5, *S]
@@ -272,9 +285,7 @@ def lncc(
     mean_f, mean_m, ff, mm, fm = (local.view(n, c, 5, *spatial) / local_w).unbind(2)
     var_f = (ff - mean_f.square()).clamp_min(0)  # rounding can push a flat window below 0
     var_m = (mm - mean_m.square()).clamp_min(0)
-    cov = fm - mean_f * mean_m
-    cc = cov.square() / (var_f * var_m + eps)
-    return 1 - _mean(cc, weight, weight_sum).mean(1)
+    return mean_f, mean_m, var_f, var_m, fm - mean_f * mean_m
 
 
 # --------------------------------------------------------------------------- mutual information
@@ -497,6 +508,91 @@ def ngf(
     return 1 - _mean(cos2, weight, weight_sum).mean(1)
 
 
+# --------------------------------------------------------------------------- SSIM
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004
+
+
+def _gaussian_window(sigma: float, dtype, device) -> torch.Tensor:
+    """Normalised Gaussian taps truncated at ``int(3.5 sigma + 0.5)`` voxels: scipy's and
+    scikit-image's radius (5 for sigma 1.5: the 11-tap window of Wang et al.)."""
+    radius = int(3.5 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (x / sigma).square())
+    return k / k.sum()
+
+
+def _data_range(fixed: torch.Tensor, weight) -> torch.Tensor:
+    """``max - min`` of ``fixed`` over voxels of positive weight, ``[N, C]``, without gradient
+    (like MI's bin range it is a setting, not something to optimise); 1 for a constant image."""
+    with torch.no_grad():
+        x = fixed.detach().flatten(2)
+        if weight is None:
+            lo, hi = x.amin(-1), x.amax(-1)
+        else:
+            inside = (weight > 0).flatten(2)
+            lo = torch.where(inside, x, math.inf).amin(-1)
+            hi = torch.where(inside, x, -math.inf).amax(-1)
+        width = hi - lo
+        return torch.where(width > 0, width, torch.ones_like(width))
+
+
+def _check_ssim_options(data_range, sigma) -> None:
+    if data_range is not None and not float(data_range) > 0:
+        raise ValueError(f"data_range must be positive (the intensity range L), got {data_range!r}")
+    if not float(sigma) > 0:
+        raise ValueError(f"sigma must be positive (voxels), got {sigma!r}")
+
+
+def _ssim_map(fixed, moving, weight, *, data_range, sigma):
+    """Per-voxel SSIM ``[N, C, *S]``, and the prepared ``weight, weight_sum``; see :func:`ssim`."""
+    fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
+    _check_ssim_options(data_range, sigma)
+    if data_range is None:
+        scale = _data_range(fixed, weight)
+    else:
+        scale = torch.full(fixed.shape[:2], float(data_range), dtype=fixed.dtype, device=fixed.device)
+    # SSIM does not change when both images and L are scaled together, and (the offset being
+    # added back to the means) its variances do not see a common offset: working in units of L,
+    # relative to the fixed image's mean, keeps E[x^2] - E[x]^2 accurate in float32 and makes
+    # C1, C2 plain numbers.
+    offset = _per_channel(_mean(fixed.detach(), weight, weight_sum), fixed)
+    scale = _per_channel(scale, fixed)
+    f, m = (fixed - offset) / scale, (moving - offset) / scale
+    windows = [_gaussian_window(float(sigma), f.dtype, f.device)] * (f.dim() - 2)
+    mean_f, mean_m, var_f, var_m, cov = _local_moments(f, m, weight, windows)
+    mean_f, mean_m = mean_f + offset / scale, mean_m + offset / scale
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    luminance = (2 * mean_f * mean_m + c1) / (mean_f.square() + mean_m.square() + c1)
+    structure = (2 * cov + c2) / (var_f + var_m + c2)  # contrast and structure together
+    return luminance * structure, weight, weight_sum
+
+
+def ssim(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    data_range: float | None = None,
+    sigma: float = 1.5,
+) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) as a loss: ``1 - mean(SSIM)``, ``[N]``.
+
+    ``SSIM = (2 mu_f mu_m + C1) (2 cov + C2) / ((mu_f^2 + mu_m^2 + C1) (var_f + var_m + C2))``
+    with local weighted moments over a Gaussian window (``sigma`` voxels, truncated at
+    ``int(3.5 sigma + 0.5)``, applied separably) and ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2``.
+    ``L`` is ``data_range``, or by default ``max - min`` of ``fixed`` over the mask (per batch
+    element and channel, without gradient). The loss runs from 0 (identical images) to 2.
+
+    As in :func:`lncc`, masked-out voxels and voxels beyond the border enter no window (windows
+    are truncated and renormalised there), and the mean is weighted by ``weight``. Inside the
+    image, at least ``int(3.5 sigma + 0.5)`` voxels from the border, the map is scikit-image's
+    ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``; scikit-image
+    reflects the image at the border instead and averages only the inside.
+    """
+    s, weight, weight_sum = _ssim_map(fixed, moving, weight, data_range=data_range, sigma=sigma)
+    return 1 - _mean(s, weight, weight_sum).mean(1)
+
+
 # --------------------------------------------------------------------------- landmarks
 def landmark_distance(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared Euclidean distance between point sets ``[N, P, D]`` (mm) -> ``[N]`` (mm^2)."""
@@ -615,4 +711,21 @@ class NGF(nn.Module):
         return f"eps={self.eps}"
 
 
-LOSSES = {"mse": MSE, "ncc": NCC, "lncc": LNCC, "mi": MutualInformation, "nmi": NMI, "ngf": NGF}
+class SSIM(nn.Module):
+    """:func:`ssim` as a module (the window is in voxels, so ``grid`` is only checked)."""
+
+    def __init__(self, data_range: float | None = None, sigma: float = 1.5):
+        super().__init__()
+        _check_ssim_options(data_range, sigma)
+        self.data_range = None if data_range is None else float(data_range)
+        self.sigma = float(sigma)
+
+    def forward(self, fixed, moving, weight=None, grid: Grid | None = None) -> torch.Tensor:
+        _check_grid(grid, moving)
+        return ssim(fixed, moving, weight, data_range=self.data_range, sigma=self.sigma)
+
+    def extra_repr(self) -> str:
+        return f"data_range={self.data_range}, sigma={self.sigma}"
+
+
+LOSSES = {"mse": MSE, "ncc": NCC, "lncc": LNCC, "mi": MutualInformation, "nmi": NMI, "ngf": NGF, "ssim": SSIM}

@@ -12,8 +12,8 @@ map ``x = M i + o`` (``M = direction @ diag(spacing)``) is affine, so
 anisotropic grids, and applying it twice gives physical second derivatives (no curvature term).
 
 Central differences do not see the odd-even (checkerboard) mode of a field inside the domain:
-``diffusion``, ``total_variation`` and ``bending_energy`` penalise it only through the borders.
-Pair them with a smooth parameterisation (B-spline, smoothed velocity) when that matters.
+``diffusion``, both total variations and ``bending_energy`` penalise it only through the
+borders. Pair them with a smooth parameterisation (B-spline, smoothed velocity) when that matters.
 """
 
 from __future__ import annotations
@@ -32,16 +32,22 @@ __all__ = [
     "diffusion",
     "bending_energy",
     "total_variation",
+    "total_variation_l1",
+    "sparsity",
     "folding_penalty",
+    "parameter_norm",
     "Diffusion",
     "BendingEnergy",
     "TotalVariation",
+    "TotalVariationL1",
+    "Sparsity",
     "JacobianFolding",
+    "ParameterNorm",
     "REGULARISERS",
 ]
 
 
-def _check(displacement: torch.Tensor, grid: Grid) -> None:
+def _check(displacement: torch.Tensor, grid: Grid, differentiate: bool = True) -> None:
     d = grid.ndim
     shape = tuple(displacement.shape)
     if len(shape) != d + 2 or shape[1] != d or shape[2:] != grid.shape:
@@ -51,7 +57,7 @@ def _check(displacement: torch.Tensor, grid: Grid) -> None:
         )
     if not displacement.is_floating_point():
         raise ValueError(f"displacement must be floating point, got {displacement.dtype}")
-    if min(grid.size) < 3:
+    if differentiate and min(grid.size) < 3:
         raise ValueError(f"finite differences need 3 voxels along every axis, grid size is {grid.size}")
 
 
@@ -150,6 +156,54 @@ def total_variation(displacement: torch.Tensor, grid: Grid, eps: float = 1e-3) -
     return _voxel_mean(torch.sqrt(squared + eps**2))
 
 
+def _axis_aligned(grid: Grid) -> bool:
+    """Is the direction a signed permutation? Then world axes are grid axes up to order and sign."""
+    m = np.abs(grid.direction_matrix)
+    return bool(np.allclose(m, np.round(m), atol=1e-6)) and _orthonormal(grid)
+
+
+def total_variation_l1(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Anisotropic TV: mean over voxels of ``sum_ij |du_i/dx_j|`` (mm/mm).
+
+    Unlike :func:`total_variation` this is not rotation invariant: ``x_j`` are the world axes, so
+    on an oblique grid the derivatives are rotated to them (skipped when the direction only
+    permutes or flips axes, which the sum of absolute values does not see). ``|.|`` is not
+    smoothed: its subgradient at 0 is 0, and gradcheck on random fields does not land on a kink.
+    """
+    _check(displacement, grid)
+    grad = _physical_gradient(displacement, grid, rotate=not _axis_aligned(grid))
+    return _voxel_mean(grad.abs().flatten(1, 2).sum(dim=1))
+
+
+def sparsity(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Mean over voxels of ``sum_i |u_i|`` (mm, world components): favours fields that are zero
+    in most places. ``grid`` only checks the shape; no derivatives are taken."""
+    _check(displacement, grid, differentiate=False)
+    return _voxel_mean(displacement.abs().sum(dim=1))
+
+
+def parameter_norm(params: torch.Tensor, order: int = 1) -> torch.Tensor:
+    """Mean of ``|p|^order`` over each batch element's entries of ``params [N, ...]`` -> ``[N]``.
+
+    A penalty on a transform's parameters rather than on its displacement, for B-spline or kernel
+    coefficients (``BSplineTransform.coefficients``, ``[N, D, *control.shape]``, mm): order 1
+    favours few active control points, order 2 is weight decay. It needs no grid, and on
+    coefficients it depends on the control spacing, so it is not in :data:`REGULARISERS` (which
+    the engine calls as ``reg(displacement, grid)``); a stage uses it by adding
+    ``weight * parameter_norm(transform.coefficients, order)`` to its objective, beside the
+    loss and regulariser terms.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if params.dim() < 2 or not params.is_floating_point():
+        raise ValueError(
+            f"params must be a floating-point tensor [N, ...] with a batch axis first, "
+            f"got shape {tuple(params.shape)} and dtype {params.dtype}"
+        )
+    p = params.flatten(1)
+    return (p.abs() if order == 1 else p.square()).mean(dim=1)
+
+
 def jacobian_determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``det(I + J)`` of the map ``x -> x + u(x)``, ``[N, *shape]``; ``<= 0`` where it folds."""
     jac = torch.movedim(jacobian(displacement, grid), (1, 2), (-2, -1))
@@ -192,6 +246,32 @@ class TotalVariation(nn.Module):
         return f"eps={self.eps:g}"
 
 
+class TotalVariationL1(nn.Module):
+    def forward(self, displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return total_variation_l1(displacement, grid)
+
+
+class Sparsity(nn.Module):
+    def forward(self, displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return sparsity(displacement, grid)
+
+
+class ParameterNorm(nn.Module):
+    """:func:`parameter_norm` as a module, called as ``penalty(params) -> [N]`` (no grid)."""
+
+    def __init__(self, order: int = 1):
+        super().__init__()
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        self.order = int(order)
+
+    def forward(self, params: torch.Tensor) -> torch.Tensor:
+        return parameter_norm(params, self.order)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}"
+
+
 class JacobianFolding(nn.Module):
     def __init__(self, threshold: float = 0.0):
         super().__init__()
@@ -208,5 +288,7 @@ REGULARISERS = {
     "diffusion": Diffusion,
     "bending": BendingEnergy,
     "tv": TotalVariation,
+    "tv-l1": TotalVariationL1,
+    "sparsity": Sparsity,
     "folding": JacobianFolding,
 }

@@ -93,10 +93,14 @@ def _axes(fig, planes, titles):
 
 
 def _draw_images(fig, planes, views):
-    axes = _axes(fig, planes, ["fixed", "moving (before)", "warped (after)"])
+    own = views[0].get("moving_plane") is not None
+    axes = _axes(fig, planes, ["fixed", "moving (before; own planes)" if own else "moving (before)", "warped (after)"])
     for row, v in zip(axes, views):
         for ax, key in zip(row, ("fixed", "moving", "warped")):
-            _panel(ax, v["plane"], v[key], cmap="gray", vmin=0, vmax=1)
+            _panel(ax, v["moving_plane"] if key == "moving" and own else v["plane"], v[key], cmap="gray", vmin=0, vmax=1)
+        if own:
+            row[1].text(0.5, 0.1, "no overlap with fixed:\nshown on its own planes", transform=row[1].transAxes,
+                        color="#ffb000", fontsize=7, ha="center")
     fig.suptitle("Images (1st-99th percentile window)", fontsize=11)
 
 
@@ -107,16 +111,26 @@ def _draw_alignment(fig, planes, views, limit):
         rr, cc = np.indices(v["fixed"].shape) // tile
         _panel(row[0], v["plane"], np.where((rr + cc) % 2 == 0, v["fixed"], v["warped"]), cmap="gray", vmin=0, vmax=1)
         for ax, other in zip(row[1:], ("moving", "warped")):
+            if other == "moving" and v["moving_plane"] is not None:  # not in the same place: no difference
+                _panel(ax, v["plane"], np.full_like(v["fixed"], np.nan))
+                ax.text(0.5, 0.5, "no overlap", transform=ax.transAxes, color="w", fontsize=8, ha="center")
+                continue
             im = _panel(ax, v["plane"], v["fixed"] - v[other], cmap="RdBu_r", vmin=-limit, vmax=limit)
     fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.6, label="normalised intensity difference")
     fig.suptitle("Alignment", fontsize=11)
 
 
-def _draw_deformation(fig, planes, views, jac):
+def _outline(ax, plane, mask):
+    if mask.any() and not mask.all():
+        ax.contour(plane.hs, plane.vs, mask.astype(float), levels=[0.5], colors="#00e5ff", linewidths=0.6)
+
+
+def _draw_deformation(fig, planes, views, jac, relative):
     from matplotlib.collections import LineCollection
     from matplotlib.colors import ListedColormap, LogNorm
 
-    axes = _axes(fig, planes, ["deformation grid on fixed", "Jacobian determinant"])
+    part = "deformable part" if relative else "whole transform"
+    axes = _axes(fig, planes, [f"grid: {part}", f"det J: {part}"])
     dets = np.concatenate([v["det"][np.isfinite(v["det"]) & (v["det"] > 0)] for v in views] + [np.ones(1)])
     span = float(np.clip(np.percentile(np.abs(np.log2(dets)), 99.5), 0.1, 2.0))
     norm = LogNorm(2.0 ** -span, 2.0 ** span)
@@ -128,6 +142,8 @@ def _draw_deformation(fig, planes, views, jac):
         lines = [np.stack([x[i], y[i]], -1) for i in range(0, x.shape[0], k)]
         lines += [np.stack([x[:, j], y[:, j]], -1) for j in range(0, x.shape[1], k)]
         row[0].add_collection(LineCollection(lines, colors="#ffb000", linewidths=0.6), autolim=False)
+        for ax in row:
+            _outline(ax, p, v["foreground"])
         folded = v["det"] <= 0
         im = _panel(row[1], p, np.where(folded, np.nan, v["det"]), cmap="RdBu_r", norm=norm)
         if folded.any():
@@ -141,7 +157,8 @@ def _draw_deformation(fig, planes, views, jac):
                        label="det J (blue: shrinks, red: grows)")
     bar.ax.set_yticklabels([f"{t:.3g}" for t in ticks])
     bar.ax.minorticks_off()
-    fig.suptitle(f"Deformation: folding (det ≤ 0, green) {jac['folding_count']} voxels "
+    fig.suptitle(("Deformation relative to the linear part" if relative else "Deformation") +
+                 f": folding (det ≤ 0, green) {jac['folding_count']} voxels "
                  f"({100 * jac['folding_fraction']:.3f} %), SD log-J {jac['log_jacobian_std']:.4f}", fontsize=11)
 
 
@@ -167,16 +184,33 @@ def _draw_objective(fig, history):
     fig.suptitle("Objective per stage and level (lower is better)" if runs else "No iterations recorded", fontsize=11)
 
 
-def _views(fixed, moving, warped, displacement, det, planes):
+def _views(fixed, moving, warped, displacement, det, planes, foreground):
     wf, wm = _window(fixed), _window(moving)
     norm = lambda a, w: (a - w[0]) / (w[1] - w[0])  # noqa: E731
     # moving and warped get the moving image's window: across contrasts the fixed one is meaningless
-    return [{"plane": p,
-             "fixed": norm(p.sample(fixed.data, fixed.grid)[0], wf),
-             "moving": norm(p.sample(moving.data, moving.grid)[0], wm),
-             "warped": norm(p.sample(warped.data, warped.grid)[0], wm),
-             "disp": p.sample(displacement, fixed.grid)[[p.h, p.v]],
-             "det": p.sample(det[:, None], fixed.grid, "nearest")[0]} for p in planes]
+    views = [{"plane": p,
+              "fixed": norm(p.sample(fixed.data, fixed.grid)[0], wf),
+              "moving": norm(p.sample(moving.data, moving.grid)[0], wm),
+              "warped": norm(p.sample(warped.data, warped.grid)[0], wm),
+              "disp": p.sample(displacement, fixed.grid)[[p.h, p.v]],
+              "det": p.sample(det[:, None], fixed.grid, "nearest")[0],
+              "foreground": p.sample(foreground, fixed.grid, "nearest")[0] > 0.5,
+              "moving_plane": None} for p in planes]
+    # a moving image elsewhere in physical space (another scanner's coordinates) is not on the
+    # fixed image's planes: show it on its own, or its panels are black
+    if all(np.isnan(v["moving"]).mean() > 0.9 for v in views):
+        for v, p in zip(views, _planes(moving, wm)):
+            v["moving"], v["moving_plane"] = norm(p.sample(moving.data, moving.grid)[0], wm), p
+    return views
+
+
+def _relative_to_linear(displacement: torch.Tensor, grid: Grid, linear) -> torch.Tensor:
+    """The deformable part ``L^-1(T(x)) - x`` of a whole transform ``T = L o D`` (D acts first):
+    the whole transform's grid and Jacobian would show the affine's shift and scale instead."""
+    points = grid.points(displacement.dtype)
+    mapped = points + torch.movedim(displacement, 1, -1)
+    inverse = linear.inverse().to(dtype=displacement.dtype)
+    return torch.movedim(inverse(mapped) - points, -1, 1)
 
 
 def _png(fig) -> bytes:
@@ -223,12 +257,15 @@ document.getElementById("rendered").textContent=i.filter(function(x){return x.co
 
 
 def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacement, history: list[dict],
-                 metrics: dict) -> tuple[Path, Path]:
+                 metrics: dict, *, linear=None, fixed_mask: Image | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.html`` into ``outdir``; return their paths.
 
     ``displacement``: the whole transform on ``fixed.grid``, as ``[1, D, *shape]`` or
     ``[D, *shape]`` (mm, ITK convention) or as a transform. ``history``: ``Result.history``.
     ``metrics``: what goes into metrics.json (scalars and dicts of scalars are tabulated).
+    ``linear``: the linear part of the transform (``Result.linear_part()``); the deformation
+    panels then show the deformable part relative to it. ``fixed_mask``: outlined on them
+    (default: the fixed image's foreground).
     """
     from matplotlib.figure import Figure  # no pyplot: nothing global changes, no display needed
 
@@ -237,16 +274,26 @@ def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacemen
         if hasattr(displacement, "displacement"):
             displacement = displacement.displacement(fixed.grid)
         disp = displacement.detach().cpu().to(torch.float64).reshape(1, fixed.ndim, *fixed.grid.shape)
-        det = jacobian_determinant(disp, fixed.grid)  # once, float64: it decides the folding count
+        if linear is not None:
+            disp = _relative_to_linear(disp, fixed.grid, linear.to("cpu"))
+        # once, float64: it decides the folding count (the same for the deformable part: det T =
+        # det L det D with det L > 0, and SD log-J does not see the constant log det L)
+        det = jacobian_determinant(disp, fixed.grid)
         jac = determinant_stats(det.numpy())
-    planes = _planes(fixed, _window(fixed))
-    views = _views(fixed, moving, warped, disp.float(), det.float(), planes)
-    before = np.concatenate([np.abs(v["fixed"] - v["moving"]).ravel() for v in views])
+    window = _window(fixed)
+    planes = _planes(fixed, window)
+    if fixed_mask is not None and fixed_mask.grid.same_as(fixed.grid, atol=1e-4):
+        foreground = (fixed_mask.data[:1] > 0).float()
+    else:
+        foreground = (fixed.data[:1, :1].detach().cpu().float() > window[0] + 0.1 * (window[1] - window[0])).float()
+    views = _views(fixed, moving, warped, disp.float(), det.float(), planes, foreground)
+    before = np.concatenate([np.abs(v["fixed"] - (v["warped"] if v["moving_plane"] is not None else v["moving"])).ravel()
+                             for v in views])
     limit = float(max(np.nanpercentile(before, 99.5), 0.05)) if np.isfinite(before).any() else 1.0
 
     sections = [("Images", _draw_images, (planes, views), 3),
                 ("Alignment", _draw_alignment, (planes, views, limit), 3.6),
-                ("Deformation", _draw_deformation, (planes, views, jac), 2.8)]
+                ("Deformation", _draw_deformation, (planes, views, jac, linear is not None), 2.8)]
     row_height = 2.3 * len(planes) + 0.5
     parts = []
     for title, draw, args, width in sections:

@@ -15,6 +15,7 @@ from .itkio import (
 )
 from .linear import Affine, LinearTransform, Rigid, Similarity, Translation, rotation_matrix
 from .velocity import BSplineVelocityField, StationaryVelocityField, exponential
+from .registry import TRANSFORMS, TransformSpec
 
 __all__ = [
     "Transform",
@@ -39,4 +40,6 @@ __all__ = [
     "read_displacement_field",
     "write_displacement_field",
     "TransformIOError",
+    "TRANSFORMS",
+    "TransformSpec",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,6 +34,18 @@ class Transform(nn.Module):
 
     def inverse(self) -> "Transform":
         raise NotImplementedError(f"{type(self).__name__} has no inverse")
+
+    # ----------------------------------------------------------------- engine hooks
+    def start_level(self, level_index: int, level_grid: Grid) -> None:
+        """Called by the engine before each pyramid level of the stage that optimises this
+        transform: a family that changes its parameters between levels (B-spline refinement,
+        moving a velocity's exponentiation grid) does it here. The engine builds the optimiser
+        after this call."""
+
+    def cached(self):
+        """A block within which the transform may keep what it computed (the parameters do not
+        change inside it): the engine evaluates one objective inside it."""
+        return contextlib.nullcontext(self)
 
     # ----------------------------------------------------------------- shared
     def _check_points(self, points: torch.Tensor) -> torch.Tensor:

@@ -37,10 +37,14 @@ class BSplineTransform(Transform):
 
     ``u`` is the continuous index of ``x`` in the control grid. As in ITK, points outside the
     region the control grid supports (more than the mesh) are not moved.
+
+    ``refine_levels``: in a multi-resolution stage, halve the control spacing (:meth:`refine`)
+    before every level after the first.
     """
 
-    def __init__(self, domain: Grid, control_spacing, batch_size: int = 1, dtype=None):
+    def __init__(self, domain: Grid, control_spacing, batch_size: int = 1, dtype=None, *, refine_levels: bool = False):
         self._init(control_grid(domain, control_spacing), batch_size, None, dtype)
+        self.refine_levels = refine_levels
 
     @classmethod
     def from_control_grid(cls, control: Grid, coefficients=None, batch_size: int | None = None, dtype=None):
@@ -63,6 +67,11 @@ class BSplineTransform(Transform):
         if tuple(coefficients.shape) != shape:
             raise ValueError(f"coefficients of shape {tuple(coefficients.shape)} do not fit {shape}")
         self.coefficients = nn.Parameter(coefficients.detach().clone())
+        self.refine_levels = False
+
+    def start_level(self, level_index: int, level_grid: Grid) -> None:
+        if self.refine_levels and level_index > 0:
+            self.refine()
 
     def _valid(self, index: torch.Tensor) -> torch.Tensor:
         # ITK's InsideValidRegion for odd order: 1 <= u <= size - 2 on every axis (ITK moves a

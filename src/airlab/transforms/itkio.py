@@ -14,7 +14,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..image import Image, ImageIOError, _reason, read_image
+from ..errors import ImageIOError, TransformIOError
+from ..image import Image, itk_reason, read_image
 from ..spatial import Grid
 from .base import Transform
 from .bspline import BSplineTransform
@@ -34,10 +35,6 @@ __all__ = [
 ]
 
 _IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-class TransformIOError(RuntimeError):
-    """A transform could not be read or written; the message names the file and the reason."""
 
 
 def _is_image_path(path: Path) -> bool:
@@ -194,7 +191,7 @@ def write_displacement_field(transform: Transform, grid: Grid, path, *, index: i
     try:
         sitk.WriteImage(image, str(path), True)
     except RuntimeError as exc:
-        raise TransformIOError(f"cannot write displacement field {path}: {_reason(exc)}") from None
+        raise TransformIOError(f"cannot write displacement field {path}: {itk_reason(exc)}") from None
 
 
 def read_displacement_field(path, dtype=None) -> DisplacementField:
@@ -224,7 +221,7 @@ def write_transform(transform: Transform, path, *, index: int | None = None, gri
     try:
         sitk.WriteTransform(tx, str(path))
     except RuntimeError as exc:
-        raise TransformIOError(f"cannot write transform {path}: {_reason(exc)}") from None
+        raise TransformIOError(f"cannot write transform {path}: {itk_reason(exc)}") from None
 
 
 def read_transform(path: str | os.PathLike, dtype=None) -> Transform:
@@ -237,7 +234,7 @@ def read_transform(path: str | os.PathLike, dtype=None) -> Transform:
     try:
         tx = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
-        raise TransformIOError(f"cannot read transform {path}: {_reason(exc)}") from None
+        raise TransformIOError(f"cannot read transform {path}: {itk_reason(exc)}") from None
     try:
         return from_sitk(tx, dtype)
     except ValueError as exc:

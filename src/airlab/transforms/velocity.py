@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +51,7 @@ class StationaryVelocityField(Transform):
         self.grid = grid
         self.steps = steps
         self.sign = 1.0
+        self._field_cache = None  # a dict inside cached(): see there
         self.velocity = field_parameter(velocity, grid, batch_size, dtype, "velocity")
 
     def velocity_field(self) -> torch.Tensor:
@@ -58,7 +60,7 @@ class StationaryVelocityField(Transform):
 
     def field(self) -> torch.Tensor:
         """The displacement of this transform on its own grid ``[N, D, *shape]``."""
-        cache = getattr(self, "_field_cache", None)
+        cache = self._field_cache
         key = (self.sign, self.steps, self.grid, torch.is_grad_enabled())
         if cache is not None and key in cache:
             return cache[key]
@@ -121,17 +123,31 @@ class BSplineVelocityField(StationaryVelocityField):
     The spline keeps the velocity smooth and the parameters few, which conditions the
     optimisation well; the exponential keeps the transform diffeomorphic. ``refine()`` halves the
     control spacing exactly; ``regrid(grid)`` moves the exponentiation to another grid.
+
+    In a multi-resolution stage: ``exp_shrink`` exponentiates on each level's grid with that many
+    times its spacing (the velocity is smooth at the knot scale, and the squarings are the cost),
+    and ``refine_levels`` halves the control spacing before every level after the first.
     """
 
     def __init__(self, grid: Grid, control_spacing, batch_size: int = 1, steps: int = 7,
-                 domain: Grid | None = None, dtype=None):
+                 domain: Grid | None = None, dtype=None, *, refine_levels: bool = False,
+                 exp_shrink: float | None = None):
         Transform.__init__(self, grid.ndim, batch_size)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.grid = grid
         self.steps = steps
         self.sign = 1.0
+        self._field_cache = None
         self.spline = BSplineTransform(domain or grid, control_spacing, batch_size, dtype=dtype)
+        self.refine_levels = refine_levels
+        self.exp_shrink = exp_shrink
+
+    def start_level(self, level_index: int, level_grid: Grid) -> None:
+        if self.exp_shrink is not None:
+            self.regrid(level_grid.with_spacing(np.asarray(level_grid.spacing) * self.exp_shrink))
+        if self.refine_levels and level_index > 0:
+            self.refine()
 
     def velocity_field(self) -> torch.Tensor:
         return self.spline.displacement(self.grid)

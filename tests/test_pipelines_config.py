@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import airlab as al
-from airlab.config import ConfigError, load_config
+from airlab.pipelines import ConfigError, load_config
 from airlab.datasets import example_path
 from airlab.registration import Stage
 from airlab.synthetic import random_deformation
@@ -92,7 +92,7 @@ def test_a_preset_in_the_file_and_the_command_line_wins(tmp_path, moving):
     (PIPELINE.replace("name: ncc", "name: xcorr"), "stages.0.losses: unknown loss 'xcorr'"),
     (PIPELINE.replace("bins: 32", "binz: 32"), "loss 'mi' has no option 'binz'"),
     (PIPELINE.replace("name: bending", "name: elastic"), "unknown regulariser 'elastic'"),
-    (PIPELINE.replace("transform: bspline", "transform: spline"), "stages.1.transform: Input should be"),
+    (PIPELINE.replace("transform: bspline", "transform: spline"), "stages.1.transform: unknown transform 'spline'"),
     ("stages: [\n", "not valid YAML"),
     ("- rigid\n", "must be a mapping"),
     ("seed: 1\n", "give a 'preset' or a list of 'stages'"),

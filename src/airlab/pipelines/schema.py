@@ -1,0 +1,272 @@
+"""Registration pipelines as data: the schema of ``airlab register --config FILE``, of the
+presets shipped as YAML beside this module, and of the ``pipeline`` that metrics.json records.
+
+A config either picks a preset and adjusts it, or writes the stages out::
+
+    preset: diffeomorphic        # optional: rigid, affine, bspline, diffeomorphic
+    metric: mi                   # the deformable stage's similarity (presets only)
+    seed: 0
+    stages:                      # optional: replaces the preset's stages
+      - name: rigid
+        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity
+        losses: [{name: ncc}]
+        levels: [{shrink: 4, sigma: 4, iterations: 100}]
+        lr: 0.5
+      - name: deformable
+        transform: velocity      # a B-spline velocity, exponentiated (diffeomorphic)
+        control_spacing: 40      # mm at the first level, halved at every later level
+        losses: [{name: mi, bins: 64}]
+        regularisers: [{name: bending, weight: 0.1}]
+        iterations: [100, 60, 25] # per level, coarse to fine, the last at full resolution
+        optimizer: field-adam
+        lr: 0.25
+
+A stage's pyramid is either ``levels`` written out, or sized from the fixed image (the coarsest
+level has 25-50 voxels along its longest axis, smoothing sigma half the level spacing) with
+``iterations`` per level and ``pyramid`` saying which levels the list names: ``finest`` (the
+default: the last entry at full resolution), ``coarsest`` (the first entries from the coarsest
+level on) or ``all`` (every level; a shorter list is padded at the coarse end with its first
+value). ``strides`` lists per-level sublattice strides for the finest of those levels (the
+stage's first level is never strided).
+
+Every key is checked: an unknown key or a wrong type is reported with its place in the file.
+A pipeline is a pydantic model: it compares equal to another with the same content, pickles,
+and :meth:`PipelineConfig.resolve` writes a preset out as stages.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
+                      model_validator)
+
+from ..errors import ConfigError
+from ..losses import LOSSES
+from ..pyramid import Level
+from ..regularisers import REGULARISERS
+from ..registration import Stage
+from ..spatial import Grid
+from ..transforms import TRANSFORMS, TransformSpec
+
+__all__ = ["ConfigError", "PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "load_config", "pyramid",
+           "PRESETS", "METRICS"]
+
+PRESETS = ("rigid", "affine", "bspline", "diffeomorphic")
+METRICS = ("mse", "ncc", "lncc", "mi", "nmi", "ngf", "ssim")
+LINEAR = ("translation", "rigid", "similarity", "affine")
+
+
+def pyramid(grid: Grid, iterations: list[int] | int, *, finest: int = 1, coarsest_voxels: int = 25) -> list[Level]:
+    """Levels coarse to fine with shrink factors 2**k, down to ``finest``; a list of iterations
+    shorter than the pyramid is padded at the coarse end with its first value."""
+    factors = [1]
+    while max(grid.size) / (factors[-1] * 2) >= coarsest_voxels:
+        factors.append(factors[-1] * 2)
+    factors = [f for f in reversed(factors) if f >= finest] or [finest]
+    if isinstance(iterations, int):
+        iterations = [iterations] * len(factors)
+    iterations = list(iterations)[-len(factors):]
+    iterations = [iterations[0]] * (len(factors) - len(iterations)) + iterations
+    spacing = float(np.mean(grid.spacing))
+    return [Level(shrink=f, sigma=0.5 * spacing * f if f > 1 else 0.0, iterations=n) for f, n in zip(factors, iterations)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TermConfig(BaseModel):
+    """A loss or regulariser: its registry name, weight, and constructor arguments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+    weight: float = 1.0
+
+    def options(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class LevelConfig(_Strict):
+    shrink: float = Field(1.0, ge=1.0)
+    sigma: float = Field(0.0, ge=0.0)
+    iterations: int = Field(100, ge=0)
+    stride: int = Field(1, ge=1)
+
+
+class StageConfig(_Strict):
+    name: str | None = None
+    transform: str
+    losses: list[TermConfig] = Field(min_length=1)
+    regularisers: list[TermConfig] = []
+    levels: list[LevelConfig] | None = None
+    iterations: Annotated[list[NonNegativeInt], Field(min_length=1)] | NonNegativeInt | None = None
+    pyramid: Literal["finest", "coarsest", "all"] = "finest"
+    strides: list[PositiveInt] | None = None
+    optimizer: Literal["adam", "field-adam", "lbfgs"] = "adam"
+    lr: float = Field(0.1, gt=0)
+    decay: bool = True
+    tolerance: float = Field(1e-5, ge=0)
+    patience: int = Field(20, ge=1)
+    control_spacing: float | None = Field(None, gt=0)
+    steps: int = Field(4, ge=0)
+    exp_shrink: float = Field(4.0, ge=1.0)
+    regulariser_shrink: float = Field(1.0, ge=1.0)
+    symmetric: bool = False
+
+    @field_validator("transform")
+    @classmethod
+    def _known_transform(cls, name):
+        if name not in TRANSFORMS:
+            raise ValueError(f"unknown transform {name!r}; choose from {', '.join(TRANSFORMS)}")
+        return name
+
+    @field_validator("losses")
+    @classmethod
+    def _known_losses(cls, terms):
+        return _known(terms, LOSSES, "loss")
+
+    @field_validator("regularisers")
+    @classmethod
+    def _known_regularisers(cls, terms):
+        return _known(terms, REGULARISERS, "regulariser")
+
+    @model_validator(mode="after")
+    def _one_pyramid(self):
+        if self.levels is not None and (self.iterations is not None or self.strides is not None):
+            raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
+        if self.symmetric and self.transform != "velocity":
+            raise ValueError("'symmetric' needs transform: velocity")
+        return self
+
+    def build_levels(self, grid: Grid) -> list[Level]:
+        if self.levels is not None:
+            return [Level(**lv.model_dump()) for lv in self.levels]
+        its = self.iterations if self.iterations is not None else 100
+        if isinstance(its, int) or self.pyramid == "all":
+            levels = pyramid(grid, its)
+        elif self.pyramid == "finest":
+            levels = pyramid(grid, its)[-len(its):]
+        else:
+            levels = pyramid(grid, its[0])[:len(its)]
+            for level, n in zip(levels, its):
+                level.iterations = n
+        for level, stride in zip(reversed(levels[1:]), reversed(self.strides or [])):
+            level.stride = stride
+        return levels
+
+    def build(self, index: int, grid: Grid) -> Stage:
+        levels = self.build_levels(grid)
+        options = {}
+        if self.transform not in LINEAR:
+            # control points every 5 voxels of the finest level, twice that per coarser level
+            options["control_spacing"] = self.control_spacing or 5.0 * float(np.mean(grid.spacing)) * 2 ** (len(levels) - 1)
+        if self.transform == "velocity":
+            options.update(steps=self.steps, exp_shrink=self.exp_shrink)
+        return Stage(
+            TransformSpec(self.transform, options),
+            [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],
+            [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
+            levels=levels, optimizer=self.optimizer, lr=self.lr, decay=self.decay, tolerance=self.tolerance,
+            patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
+            name=self.name or f"{self.transform} {index + 1}",
+        )
+
+
+class PipelineConfig(_Strict):
+    preset: Literal[PRESETS] | None = None
+    metric: Literal[METRICS] | None = None
+    seed: int | None = None
+    device: Literal["auto", "cpu", "cuda"] | None = None
+    initialisation: Literal["moments", "centres", "none"] = "moments"
+    normalise: bool = True
+    stages: list[StageConfig] | None = None
+
+    @model_validator(mode="after")
+    def _something_to_run(self):
+        if self.preset is None and not self.stages:
+            raise ValueError("give a 'preset' or a list of 'stages'")
+        if self.stages and self.metric is not None:
+            raise ValueError("'metric' applies to presets; with 'stages', name each stage's losses")
+        return self
+
+    def resolve(self, preset: str | None = None, metric: str | None = None) -> "PipelineConfig":
+        """This pipeline with its stages written out: the preset (``preset``/``metric``, from the
+        command line, win over the file's) expanded into the stages it stands for. What
+        metrics.json records, and what replays the run."""
+        from .presets import preset_pipeline
+
+        name = preset or (None if self.stages else self.preset)
+        if name is None:
+            if metric is not None:
+                raise ConfigError("a metric applies to presets; these stages name their own losses")
+            return self
+        stages = preset_pipeline(name, metric=metric or (self.metric if self.preset == name else None)).stages
+        return self.model_copy(update={"preset": None, "metric": None, "stages": stages})
+
+    def build(self, fixed_grid: Grid) -> list[Stage]:
+        """The engine's stages for images on ``fixed_grid``."""
+        return [s.build(i, fixed_grid) for i, s in enumerate(self.resolve().stages)]
+
+    def registration_options(self) -> dict:
+        """The keyword arguments of :class:`~airlab.registration.Registration` this file sets."""
+        return {"initialisation": None if self.initialisation == "none" else self.initialisation,
+                "normalise": self.normalise}
+
+
+def _known(terms, registry, what):
+    for t in terms:
+        if t.name not in registry:
+            raise ValueError(f"unknown {what} {t.name!r}; choose from {', '.join(registry)}")
+        accepted = inspect.signature(registry[t.name]).parameters
+        for key in t.options():
+            if key not in accepted:
+                raise ValueError(f"{what} {t.name!r} has no option {key!r}; it takes {', '.join(accepted) or 'none'}")
+    return terms
+
+
+def _where(loc) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def validate(raw, source: str) -> PipelineConfig:
+    """A pipeline from parsed YAML/JSON; :class:`ConfigError` names ``source``, the key and the
+    first problem. A metrics.json written by ``airlab register`` replays the pipeline it records."""
+    if isinstance(raw, dict) and raw.get("command") in ("register", "demo") and "pipeline" in raw:
+        raw = raw["pipeline"]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {source} must be a mapping of keys to values, not {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"config {source}: {_where(err['loc'])}: {msg}{more}") from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML pipeline (or the metrics.json of a run, to replay it);
+    :class:`ConfigError` names the first problem."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else getattr(exc, "lineno", None)
+        where = f" (line {line})" if line is not None else ""
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"config {path} is not valid {kind}{where}: {getattr(exc, 'problem', None) or getattr(exc, 'msg', exc)}") from None
+    return validate(raw, str(path))

@@ -1,0 +1,50 @@
+"""Observers of the engine's events: the engine prints nothing itself.
+
+An observer is any object with some of ``level_start(info)``, ``iteration(info)`` and
+``level_end(info)``; a plain callable is called with every iteration's dict (the ``callbacks``
+of :class:`~airlab.registration.Registration`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["ProgressBar", "LogLines", "default_progress"]
+
+
+class ProgressBar:
+    """A tqdm bar per level on a terminal."""
+
+    def __init__(self):
+        self._bar = None
+
+    def level_start(self, info: dict) -> None:
+        from tqdm.auto import tqdm
+
+        if info["max_iterations"] > 0:
+            self._bar = tqdm(total=info["max_iterations"], desc=info["label"], leave=False, dynamic_ncols=True,
+                             mininterval=0.5)
+
+    def iteration(self, info: dict) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(objective=f"{info['objective']:.5g}", refresh=False)
+
+    def level_end(self, info: dict) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class LogLines:
+    """One line per level on stderr, for logs (a redrawn bar would fill them)."""
+
+    def level_end(self, info: dict) -> None:
+        if info["iterations"]:
+            print(f"{info['label']}: {info['iterations']} iterations, objective {info['objective']:.5g}, "
+                  f"{info['time_s']:.1f} s", file=sys.stderr, flush=True)
+
+
+def default_progress():
+    """A bar on a terminal, a line per level otherwise."""
+    return ProgressBar() if sys.stderr.isatty() else LogLines()

@@ -1,0 +1,190 @@
+"""Register one pair (or a batch of same-grid pairs) and write the command-line contract's files.
+
+``register_files`` is what ``airlab register`` runs: read the inputs, register them with a
+pipeline, write warped.nii.gz, displacement.nii.gz, inverse_displacement.nii.gz (when every
+stage has an exact inverse: linear and velocity stages), affine.txt, metrics.json and the
+report into OUTDIR, staged so that OUTDIR gets all of them or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..image import Image, read_image, resample, write_image
+from ..pipelines import PipelineConfig, default_metric
+from ..registration import Registration, Result
+from ..spatial import inside
+from ..transforms import (DisplacementField, LinearTransform, StationaryVelocityField, write_displacement_field,
+                          write_transform)
+from .staging import staged_output
+
+__all__ = ["OUTPUTS", "Outputs", "as_image", "register_pair", "write_outputs", "register_files"]
+
+OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "affine.txt", "metrics.json",
+           "report.png", "report.html"]
+
+
+def as_image(value, what: str = "image") -> Image:
+    """An airlab Image from a path, an Image, a SimpleITK image or a nibabel image."""
+    if value is None or isinstance(value, Image):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return read_image(value)
+    import SimpleITK as sitk
+
+    if isinstance(value, sitk.Image):
+        return Image.from_sitk(value)
+    if hasattr(value, "affine") and hasattr(value, "dataobj"):
+        return Image.from_nibabel(value)
+    raise InputError(f"the {what} must be a path, an airlab Image, a SimpleITK image or a nibabel image, "
+                     f"not {type(value).__name__}")
+
+
+@dataclass
+class Outputs:
+    """What one registration produced: the engine's result, the moving image on the fixed grid,
+    the whole transform sampled there, and the record of what ran."""
+
+    result: Result
+    warped: Image
+    displacement: DisplacementField  # on the fixed grid, [N, D, *shape] mm, ITK convention
+    metrics: dict
+    fixed: Image
+    moving: Image
+    inverse: DisplacementField | None = None  # on the moving grid, moving -> fixed points
+    fixed_mask: Image | None = None
+
+
+def invertible(result: Result) -> bool:
+    """Whether every stage has an exact inverse (linear transforms, velocity fields)."""
+    return all(isinstance(t, (LinearTransform, StationaryVelocityField)) for t in result.stages)
+
+
+@torch.no_grad()
+def inverse_on_moving_grid(result: Result, moving_grid) -> tuple[DisplacementField, dict]:
+    """The inverse transform sampled on the moving grid, and its consistency
+    ``|T(T^-1(y)) - y|`` (mm) over the moving voxels whose inverse lands in the fixed image."""
+    inverse = result.transform.inverse()
+    field = inverse.displacement(moving_grid)
+    y = moving_grid.points(field.dtype, field.device)
+    x = y + torch.movedim(field, 1, -1)
+    error = (result.transform(x) - y).norm(dim=-1)
+    counted = inside(result.fixed_grid.physical_to_index(x), result.fixed_grid.size)
+    error = error[counted] if bool(counted.any()) else error.flatten()
+    stats = {"mean": float(error.mean()), "max": float(error.max()), "voxels": int(error.numel())}
+    return DisplacementField(moving_grid, field.shape[0], field), stats
+
+
+def _versions() -> dict:
+    import SimpleITK as sitk
+
+    from .. import __version__
+
+    return {"airlab": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
+            "python": platform.python_version()}
+
+
+def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, moving_mask=None, device="cpu",
+                  seed: int | None = 0, progress=False, preset: str | None = None, metric: str | None = None) -> Outputs:
+    """Register ``moving`` to ``fixed`` (paths or images) with ``pipeline``; nothing is written.
+
+    ``preset``/``metric`` name what the pipeline was made from, for the record only."""
+    f, m = as_image(fixed, "fixed image"), as_image(moving, "moving image")
+    fm, mm = as_image(fixed_mask, "fixed mask"), as_image(moving_mask, "moving mask")
+    resolved = pipeline.resolve().model_copy(update={"seed": seed})  # recorded as it ran
+    registration = Registration(resolved.build(f.grid), progress=progress, seed=seed,
+                                **resolved.registration_options())
+    result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=device)
+    with torch.no_grad():
+        # the transform sampled once on the fixed grid both warps the image and is the field
+        # written: evaluating a B-spline at every voxel twice took seconds at 2 mm
+        field = result.transform.displacement(f.grid)
+        dense = DisplacementField(f.grid, field.shape[0], field)
+        warped = resample(m.to(device) if m.data.is_floating_point() else m, f.grid, dense).to("cpu")
+    if warped.data.is_floating_point():
+        warped = Image(warped.data.float(), warped.grid)
+    inverse, consistency = None, None
+    if invertible(result):
+        inverse, consistency = inverse_on_moving_grid(result, m.grid)
+        inverse = inverse.to("cpu")
+    stages = [{"stage": h["stage"], "level": h["level"], "shrink": h["shrink"], "sigma_mm": h["sigma_mm"],
+               "grid_size": h["grid_size"], "iterations": h["iterations"],
+               "final_objective": h["objective"][-1] if h["objective"] else None,
+               "final_terms": h.get("final_terms", {}), "time_s": h["time_s"]} for h in result.history]
+    metrics = {
+        "command": "register",
+        "preset": preset,
+        "metric": (metric or default_metric(preset)) if preset else None,
+        "device": str(device),
+        "seed": seed,
+        "stages": stages,
+        "registration_time_s": round(result.wall_time, 3),
+        "versions": _versions(),
+        "inverse_consistency_mm": consistency,
+        # the whole pipeline that ran: `airlab register --config metrics.json` replays it
+        "pipeline": resolved.model_dump(mode="json", exclude_none=True),
+    }
+    return Outputs(result, warped, dense.to("cpu"), metrics, f, m, inverse, fm)
+
+
+def write_outputs(outputs: Outputs, folder: Path, *, report: bool = True, started: float | None = None) -> None:
+    """Write the contract's files for ``outputs`` into ``folder`` (a staging folder);
+    ``started`` (a ``time.perf_counter()`` value) puts the wall time until metrics.json into it."""
+    folder = Path(folder)
+    linear = outputs.result.linear_part()
+    # compressing the outputs is most of the writing (0.5 s for a 2 mm field) and SimpleITK lets
+    # go of the GIL while it does: two files at once
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(write_image, outputs.warped, folder / "warped.nii.gz"),
+                pool.submit(write_displacement_field, outputs.displacement, outputs.fixed.grid,
+                            folder / "displacement.nii.gz")]
+        if outputs.inverse is not None:
+            jobs.append(pool.submit(write_displacement_field, outputs.inverse, outputs.moving.grid,
+                                    folder / "inverse_displacement.nii.gz"))
+        if linear is not None:
+            jobs.append(pool.submit(write_transform, linear.to("cpu"), folder / "affine.txt"))
+        for job in jobs:
+            job.result()
+    if started is not None:
+        outputs.metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
+    (folder / "metrics.json").write_text(json.dumps(outputs.metrics, indent=2))
+    if report:
+        from ..report import write_report
+
+        # the deformation panels show the deformable part relative to the linear one, where there is one
+        deformable = any(not isinstance(t, LinearTransform) for t in outputs.result.stages)
+        write_report(folder, outputs.fixed, outputs.moving, outputs.warped, outputs.displacement.field.detach()[:1],
+                     outputs.result.history, outputs.metrics, linear=linear if deformable else None,
+                     fixed_mask=outputs.fixed_mask)
+
+
+def register_files(fixed, moving, outdir, pipeline: PipelineConfig, *, fixed_mask=None, moving_mask=None,
+                   device="cpu", seed: int | None = 0, progress=False, report: bool = True, overwrite: bool = False,
+                   preset: str | None = None, metric: str | None = None, record: dict | None = None) -> Outputs:
+    """Register the files ``moving`` to ``fixed`` and write the outputs into ``outdir``, staged:
+    OUTDIR gets every file or none, and files there are replaced only with ``overwrite`` (and
+    only those named like airlab's outputs). ``record`` is added to metrics.json."""
+    start = time.perf_counter()
+    with staged_output(Path(outdir), list(OUTPUTS), overwrite) as stage:
+        out = register_pair(fixed, moving, pipeline, fixed_mask=fixed_mask, moving_mask=moving_mask, device=device,
+                            seed=seed, progress=progress, preset=preset, metric=metric)
+        out.metrics.update(record or {})
+        out.metrics.update({"fixed": _name(fixed), "moving": _name(moving), "fixed_mask": _name(fixed_mask),
+                            "moving_mask": _name(moving_mask)})
+        write_outputs(out, stage, report=report, started=start)
+    return out
+
+
+def _name(value) -> str | None:
+    if value is None:
+        return None
+    return str(value) if isinstance(value, (str, os.PathLike)) else f"<{type(value).__name__}>"

@@ -1,0 +1,65 @@
+"""Input checks, normalisation and initialisation (airlab.inputs): every problem is refused with
+one line naming the image and the field, before any work."""
+
+import numpy as np
+import pytest
+import torch
+
+import airlab as al
+from airlab.errors import AirlabError, InputError, RegistrationError
+from airlab.inputs import check_geometry, normalise, prepare_pair, quantile
+
+
+def _image(spacing=(2.0, 2.0, 2.0), direction=None, shape=(12, 10, 8)):
+    data = torch.rand(1, 1, *reversed(shape), generator=torch.Generator().manual_seed(0))
+    return al.Image(data, al.Grid(list(shape), list(spacing), [0.0] * len(shape), direction))
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
+def test_quantile_by_selection_is_torch_quantile(n):
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n)) ** 3
+    for q in (0.0, 0.01, 0.5, 0.99, 1.0):
+        assert quantile(values, q) == pytest.approx(float(torch.quantile(values, q)), rel=1e-6, abs=1e-7)
+
+
+def test_normalise_maps_percentiles_to_unit_range():
+    x = torch.linspace(0, 100, 1001).reshape(1, 1, 11, 91)
+    out = normalise(x, None)
+    assert float(out.flatten().kthvalue(11).values) == pytest.approx(0.0, abs=1e-6)
+    assert float(out.flatten().kthvalue(991).values) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_unit_error_in_the_header_is_refused_before_any_allocation():
+    """A moving header saying 1e-9 mm made the pyramid ask for a 192 GB smoothing kernel."""
+    fixed = _image()
+    moving = _image(spacing=(1e-9, 1e-9, 1e-9))
+    with pytest.raises(RegistrationError, match="moving image's spacing along x is 1e-09 mm"):
+        prepare_pair(fixed, moving)
+    with pytest.raises(RegistrationError, match=r"moving image's voxels .* times smaller than the fixed"):
+        prepare_pair(fixed, _image(spacing=(1e-3, 1e-3, 1e-3)))
+
+
+def test_a_direction_that_is_not_orthonormal_is_refused():
+    sheared = [1.0, 0.3, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(RegistrationError, match="fixed image's direction cosines are not orthonormal"):
+        check_geometry(_image(direction=sheared).grid, "fixed")
+    check_geometry(_image(direction=[0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0]).grid, "fixed")
+
+
+def test_every_input_error_is_an_airlab_error_and_a_value_error():
+    fixed = _image()
+    bad = al.Image(fixed.data.clone(), fixed.grid)
+    bad.data[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="moving image has 1 NaN") as info:
+        prepare_pair(fixed, bad)
+    assert isinstance(info.value, AirlabError) and isinstance(info.value, ValueError)
+
+
+def test_prepared_pair_holds_normalised_intensities_and_masks():
+    fixed, moving = _image(), _image(spacing=(1.5, 2.0, 2.5))
+    mask = al.Image((fixed.data > 0.5).to(torch.uint8), fixed.grid)
+    pair = prepare_pair(fixed, moving, fixed_mask=mask)
+    assert pair.batch == 1 and pair.fixed_mask is not None
+    inside = pair.fixed[pair.fixed_mask > 0]
+    assert float(inside.min()) < 0.05 and np.isclose(float(inside.flatten().kthvalue(int(0.99 * inside.numel())).values), 1.0,
+                                                     atol=0.05)
