@@ -1,6 +1,10 @@
 """Accuracy of the presets on issue 3's cases, as a markdown table.
 
-    python benchmarks/accuracy.py [--quick]
+    python benchmarks/accuracy.py [--quick] [--config FILE ...]
+
+``--config`` adds rows for YAML pipelines (airlab's ``--config`` schema) on the 3D cases, beside
+the presets, so that a pipeline tuned elsewhere (benchmarks/configs/, the real-anatomy case)
+is checked against the known deformations too.
 
 Fixed: the shipped 2 mm MNI152 template (and its 1 mm axial slice for 2D). Moving: the template
 warped by a seeded smooth deformation (cubic B-spline, 6 control points per axis, up to 7 mm;
@@ -10,6 +14,7 @@ grey and white matter. Same construction as tests/test_registration.py.
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,7 +22,7 @@ import torch
 import airlab as al
 from airlab.datasets import example_path, mni152
 from airlab.evaluate import dice, endpoint_error, jacobian_stats
-from airlab.pipelines import preset
+from airlab.pipelines import PipelineConfig, load_config, preset
 from airlab.registration import Registration
 from airlab.synthetic import ground_truth, invert_grey_white, random_deformation
 
@@ -37,7 +42,11 @@ def case(fixed, labels, seed, contrast=False):
 def measure(name, fixed, labels, seed, metric=None, contrast=False):
     deformation, moving, truth = case(fixed, labels, seed, contrast)
     start = time.perf_counter()
-    result = Registration(preset(name, fixed.grid, metric=metric), progress=False)(fixed, moving)
+    if isinstance(name, PipelineConfig):
+        registration = Registration(name.build(fixed.grid), progress=False, **name.registration_options())
+    else:
+        registration = Registration(preset(name, fixed.grid, metric=metric), progress=False)
+    result = registration(fixed, moving)
     seconds = time.perf_counter() - start
     brain = (labels.data[0, 0] > 0).numpy() if labels is not None else (fixed.data[0, 0] > 20).numpy()
     with torch.no_grad():
@@ -69,6 +78,8 @@ def truth_dice(fixed, labels, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed per case instead of three")
+    parser.add_argument("--config", nargs="*", default=[], help="YAML pipelines to measure on the 3D cases too")
+    parser.add_argument("--only-configs", action="store_true", help="skip the presets' rows")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     fixed, labels = mni152()
@@ -83,13 +94,22 @@ def main():
         ("axial slice 1 mm", "diffeomorphic", axial, None, None, False),
         ("axial slice 1 mm", "bspline", axial, None, None, False),
     ]
+    if args.only_configs:
+        cases = []
+    names = {}
+    for path in args.config:
+        pipeline = load_config(path)
+        names[id(pipeline)] = Path(path).stem
+        cases += [("MNI 2 mm", pipeline, fixed, labels, None, False),
+                  ("MNI 2 mm, grey/white inverted", pipeline, fixed, labels, None, True)]
     print(f"airlab {al.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, seeds {seeds}\n")
     print("| case | preset | mean EPE mm | p95 EPE mm | GM Dice | folding voxels | time s |")
     print("|---|---|---|---|---|---|---|")
     for label, name, f, lab, metric, contrast in cases:
         rows = [measure(name, f, lab, s, metric, contrast) for s in seeds]
         avg = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-        print(f"| {label} | {name} | {avg['mean']:.3f} | {avg['p95']:.3f} | {avg['gm_dice']:.3f} | "
+        shown = name if isinstance(name, str) else names[id(name)]
+        print(f"| {label} | {shown} | {avg['mean']:.3f} | {avg['p95']:.3f} | {avg['gm_dice']:.3f} | "
               f"{int(sum(r['folding'] for r in rows))} | {avg['seconds']:.1f} |", flush=True)
     ceiling = [truth_dice(fixed, labels, s) for s in seeds]
     print("\nGM Dice with the exact inverse (the ceiling of the label transfer): "
