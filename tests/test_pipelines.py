@@ -14,7 +14,7 @@ import yaml
 
 import airlab as al
 from airlab.datasets import example_path
-from airlab.pipelines import PRESETS, PipelineConfig, load_config, preset, preset_pipeline
+from airlab.pipelines import PRESETS, load_config, preset, preset_pipeline
 from airlab.synthetic import random_deformation
 
 FIXED = example_path("mni152_t1_1mm_axial")
