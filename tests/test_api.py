@@ -41,6 +41,7 @@ def test_register_takes_paths_images_and_simpleitk_images_alike(pair, tmp_path):
     by_sitk = al.register(fixed.to_sitk(), moving.to_sitk(), preset="affine")
     by_image = al.register(fixed, moving, preset="affine")
     a, b, c = (r.displacement_field().field for r in (by_path, by_sitk, by_image))
+    assert not c.requires_grad and c.numpy().shape == (1, 2, *fixed.grid.shape)
     assert torch.allclose(a, c, atol=1e-5) and torch.allclose(b, c, atol=1e-5)
     warped = by_image.warp(moving.to_sitk())
     assert isinstance(warped.to_sitk(), sitk.Image) and warped.grid.same_as(fixed.grid)

@@ -102,7 +102,9 @@ class Result:
 
         with torch.no_grad():
             field = self.transform.displacement(self.fixed_grid)
-        return DisplacementField(self.fixed_grid, field.shape[0], field)
+        dense = DisplacementField(self.fixed_grid, field.shape[0], field)
+        dense.requires_grad_(False)  # a result, not something to optimise
+        return dense
 
     def linear_part(self) -> LinearTransform | None:
         """The composed linear stages as one affine (``None`` without linear stages)."""
