@@ -3,8 +3,9 @@ runner, a Dask worker) can tell an expected failure with a one-line message from
 
 Each class also derives from the builtin that it specialises (``ValueError`` for bad input,
 ``RuntimeError`` for I/O), so code written against the builtins keeps working.
-``exit_code`` is what the command line exits with: 2 for a wrong invocation or unusable input
-given by the user before any work, 1 for a failure during the work.
+``exit_code`` is what the command line exits with: 2 for a wrong invocation (a config that does
+not validate, outputs that would be overwritten), 1 for inputs that cannot be registered and for
+failures during the work.
 """
 
 from __future__ import annotations
