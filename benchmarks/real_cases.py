@@ -295,7 +295,7 @@ def tool_command(tool: str, case: RealCase, out: Path, device: str) -> list[str]
         return airlab_command(case, out, ["--device", device])
     if tool.startswith("airlab-"):  # airlab-affine, airlab-bspline: a preset; airlab-lncc, ...: a metric
         what = tool.split("-", 1)[1]
-        flag = "--preset" if what in ("rigid", "affine", "bspline", "diffeomorphic") else "--metric"
+        flag = "--preset" if what in ("rigid", "affine", "bspline", "diffeomorphic", "intersubject") else "--metric"
         return airlab_command(case, out, [flag, what, "--device", device])
     if tool in ("ants", "elastix", "fireants"):
         return [sys.executable, str(HERE / "tools" / f"run_{tool}.py"), str(case.fixed), str(case.moving), str(out),
@@ -347,7 +347,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", default="colin27-mni2", choices=REAL_CASES)
     parser.add_argument("--tools", default="airlab,ants",
-                        help="comma list: identity, airlab, airlab-PRESET (affine, bspline, ...), airlab-METRIC "
+                        help="comma list: identity, airlab, airlab-PRESET (affine, bspline, intersubject, ...), airlab-METRIC "
                         "(lncc, ncc, mi, ...), ants, elastix, fireants; 'none' for only --config rows")
     parser.add_argument("--config", type=Path, nargs="*", default=[],
                         help="airlab YAML pipelines, one row each (named by the file's stem)")

@@ -210,3 +210,30 @@ def test_displacement_equals_mapping_the_points(kind, d, rng):
                  oblique_grid(d, rng)):
         with torch.no_grad():
             assert torch.allclose(t.displacement(grid), Transform.displacement(t, grid), atol=1e-9, rtol=0)
+
+
+def test_dense_velocity_follows_the_pyramid(rng):
+    """A dense velocity lives on each level's grid with ``grid_shrink`` times its spacing: moving
+    it to a finer level keeps the transform (linear interpolation of a smooth velocity), and its
+    inverse shares the parameter."""
+    from airlab.transforms import DenseVelocityField
+
+    fine = Grid((40, 36, 32), (1.5, 1.0, 2.0), (3, -7, 11), oblique_grid(3, rng).direction)
+    coarse = fine.with_spacing(np.asarray(fine.spacing) * 2)
+    t = DenseVelocityField(fine, 1, steps=5, grid_shrink=2.0, dtype=torch.float64)
+    t.start_level(0, coarse)
+    assert t.grid.same_as(coarse.with_spacing(np.asarray(coarse.spacing) * 2))
+    with torch.no_grad():
+        t.velocity.copy_(smooth_field(t.grid, rng, 1, magnitude=3.0, sigma=1.5))
+    pts = fine.points(torch.float64)
+    idx = fine.indices(torch.float64)[0]
+    inner = ((idx > 8) & (idx < torch.as_tensor(fine.size) - 9)).all(-1)
+    with torch.no_grad():
+        before = t(pts)
+        t.start_level(1, fine)
+        assert t.grid.same_as(fine.with_spacing(np.asarray(fine.spacing) * 2))
+        after = t(pts)
+        back = t.inverse()(after)
+    assert float((after - before).norm(dim=-1)[:, inner].max()) < 0.05
+    assert float((back - pts).norm(dim=-1)[:, inner].max()) < 0.05 * min(fine.spacing)
+    assert t.inverse().velocity is t.velocity

@@ -51,7 +51,8 @@ def _read(path: Path):
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
 @click.option("--preset", type=click.Choice(PRESETS), default="diffeomorphic",
               show_default=True, help="Pipeline: rigid; affine (rigid, affine); bspline or diffeomorphic "
-              "(rigid, affine, then a deformation).")
+              "(rigid, affine, then a deformation); intersubject (a dense diffeomorphic deformation for "
+              "different people's anatomy).")
 @click.option("--metric", type=click.Choice(METRICS), default=None,
               help="Similarity of the deformable stage (default: mutual information, which works within and "
               "across contrasts).")

@@ -12,6 +12,8 @@ from collections import defaultdict
 
 import torch
 
+from .filters import gaussian_smooth
+
 __all__ = ["Adam", "FieldAdam"]
 
 
@@ -59,17 +61,26 @@ class _Optimizer:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            sigma = group.get("gradient_sigma", 0.0)
             for p in group["params"]:
-                if p.grad is not None:
-                    self._step(p, group)
+                if p.grad is None:
+                    continue
+                if sigma > 0 and p.dim() >= 3 and p.dim() == p.shape[1] + 2:
+                    # a field's gradient [N, D, *shape], smoothed along its spatial axes: the
+                    # "fluid" preconditioner of greedy dense registration (ANTs' SyN)
+                    p.grad = gaussian_smooth(p.grad, sigma)
+                self._step(p, group)
         return loss
 
 
 class Adam(_Optimizer):
-    """Adam (Kingma and Ba), the same update as ``torch.optim.Adam`` with its defaults."""
+    """Adam (Kingma and Ba), the same update as ``torch.optim.Adam`` with its defaults.
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    ``gradient_sigma`` (voxels, both optimisers): smooth the gradient of every field-shaped
+    parameter ``[N, D, *shape]`` with a Gaussian before the step."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, gradient_sigma: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, gradient_sigma=gradient_sigma))
 
     def _step(self, p, group):
         g, (b1, b2) = p.grad, group["betas"]
@@ -91,8 +102,8 @@ class FieldAdam(_Optimizer):
     shrink as the gradient vanishes. Batch elements stay independent.
     """
 
-    def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12, gradient_sigma: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, gradient_sigma=gradient_sigma))
 
     def _step(self, p, group):
         g, (b1, b2) = p.grad, group["betas"]

@@ -68,6 +68,9 @@ class Stage:
             this many times its spacing. Smooth transforms (B-splines, spline velocities) lose
             nothing at 2 and it saves most of their cost; use 1 for free-form dense fields,
             whose checkerboard modes only the full grid sees.
+        gradient_sigma: for ``"adam"`` and ``"field-adam"``: smooth the gradient of field
+            parameters (velocities, displacements, B-spline coefficients) with a Gaussian of this
+            many of their voxels before each step (fluid-like updates).
     """
 
     transform: TransformFactory | Transform
@@ -82,6 +85,7 @@ class Stage:
     on_level: Callable | None = None
     regulariser_shrink: float = 1.0
     symmetric: bool = False
+    gradient_sigma: float = 0.0
     name: str = "stage"
 
 
@@ -159,13 +163,13 @@ def _param_groups(transform: Transform, lr: float, radius: float) -> list[dict]:
     return groups
 
 
-def _make_optimizer(spec, groups):
+def _make_optimizer(spec, groups, gradient_sigma: float = 0.0):
     if callable(spec):
         return spec(groups)
     if spec == "adam":
-        return Adam(groups)
+        return Adam(groups, gradient_sigma=gradient_sigma)
     if spec == "field-adam":
-        return FieldAdam(groups)
+        return FieldAdam(groups, gradient_sigma=gradient_sigma)
     if spec == "lbfgs":
         params = [p for g in groups for p in g["params"]]
         return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
@@ -366,7 +370,7 @@ class Registration:
         names = term_names(stage)
         # a strided objective varies with the sublattice: compare values of the same one
         monitor = _Convergence(stage.tolerance, -(-stage.patience // len(views)) * len(views))
-        optimizer = _make_optimizer(stage.optimizer, _param_groups(t, stage.lr, radius))
+        optimizer = _make_optimizer(stage.optimizer, _param_groups(t, stage.lr, radius), stage.gradient_sigma)
         # cosine annealing by hand: any optimiser with param_groups, and no torch.optim.lr_scheduler,
         # which would import torch._dynamo (see optim.py)
         decay = stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS)

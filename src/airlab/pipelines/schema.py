@@ -56,7 +56,7 @@ from ..transforms import TRANSFORMS, TransformSpec
 __all__ = ["ConfigError", "PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "load_config", "pyramid",
            "PRESETS", "METRICS"]
 
-PRESETS = ("rigid", "affine", "bspline", "diffeomorphic")
+PRESETS = ("rigid", "affine", "bspline", "diffeomorphic", "intersubject")
 METRICS = ("mse", "ncc", "lncc", "mi", "nmi", "ngf", "ssim")
 LINEAR = ("translation", "rigid", "similarity", "affine")
 
@@ -117,6 +117,7 @@ class StageConfig(_Strict):
     exp_shrink: float = Field(4.0, ge=1.0)
     regulariser_shrink: float = Field(1.0, ge=1.0)
     symmetric: bool = False
+    gradient_sigma: float = Field(0.0, ge=0.0)
 
     @field_validator("transform")
     @classmethod
@@ -139,8 +140,8 @@ class StageConfig(_Strict):
     def _one_pyramid(self):
         if self.levels is not None and (self.iterations is not None or self.strides is not None):
             raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
-        if self.symmetric and self.transform != "velocity":
-            raise ValueError("'symmetric' needs transform: velocity")
+        if self.symmetric and self.transform not in ("velocity", "dense-velocity"):
+            raise ValueError("'symmetric' needs a velocity transform (velocity, dense-velocity)")
         return self
 
     def build_levels(self, grid: Grid) -> list[Level]:
@@ -162,10 +163,10 @@ class StageConfig(_Strict):
     def build(self, index: int, grid: Grid) -> Stage:
         levels = self.build_levels(grid)
         options = {}
-        if self.transform not in LINEAR:
+        if self.transform not in LINEAR and self.transform != "dense-velocity":
             # control points every 5 voxels of the finest level, twice that per coarser level
             options["control_spacing"] = self.control_spacing or 5.0 * float(np.mean(grid.spacing)) * 2 ** (len(levels) - 1)
-        if self.transform == "velocity":
+        if self.transform in ("velocity", "dense-velocity"):
             options.update(steps=self.steps, exp_shrink=self.exp_shrink)
         return Stage(
             TransformSpec(self.transform, options),
@@ -173,6 +174,7 @@ class StageConfig(_Strict):
             [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
             levels=levels, optimizer=self.optimizer, lr=self.lr, decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
+            gradient_sigma=self.gradient_sigma,
             name=self.name or f"{self.transform} {index + 1}",
         )
 

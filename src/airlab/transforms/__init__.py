@@ -14,7 +14,7 @@ from .itkio import (
     write_transform,
 )
 from .linear import Affine, LinearTransform, Rigid, Similarity, Translation, rotation_matrix
-from .velocity import BSplineVelocityField, StationaryVelocityField, exponential
+from .velocity import BSplineVelocityField, DenseVelocityField, StationaryVelocityField, exponential
 from .registry import TRANSFORMS, TransformSpec
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "invert_displacement",
     "StationaryVelocityField",
     "BSplineVelocityField",
+    "DenseVelocityField",
     "exponential",
     "Composite",
     "to_sitk",

@@ -9,7 +9,7 @@ from ..spatial import Grid
 from .base import Transform
 from .bspline import BSplineTransform
 from .linear import Affine, Rigid, Similarity, Translation
-from .velocity import BSplineVelocityField
+from .velocity import BSplineVelocityField, DenseVelocityField
 
 __all__ = ["TRANSFORMS", "TransformSpec"]
 
@@ -30,6 +30,10 @@ def _velocity(grid: Grid, batch_size: int, *, control_spacing: float, steps: int
                                 refine_levels=refine_levels, exp_shrink=exp_shrink)
 
 
+def _dense_velocity(grid: Grid, batch_size: int, *, steps: int = 4, exp_shrink: float | None = 2.0) -> Transform:
+    return DenseVelocityField(grid, batch_size, steps=steps, grid_shrink=exp_shrink or 1.0)
+
+
 # name -> (fixed_grid, batch_size, **options) -> Transform
 TRANSFORMS = {
     "translation": _linear(Translation),
@@ -38,6 +42,7 @@ TRANSFORMS = {
     "affine": _linear(Affine),
     "bspline": _bspline,
     "velocity": _velocity,
+    "dense-velocity": _dense_velocity,
 }
 
 

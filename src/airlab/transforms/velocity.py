@@ -14,7 +14,7 @@ from .base import Transform
 from .bspline import BSplineTransform
 from .dense import field_parameter, sample_field
 
-__all__ = ["StationaryVelocityField", "BSplineVelocityField", "exponential"]
+__all__ = ["StationaryVelocityField", "BSplineVelocityField", "DenseVelocityField", "exponential"]
 
 
 def exponential(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
@@ -157,3 +157,25 @@ class BSplineVelocityField(StationaryVelocityField):
 
     def regrid(self, grid: Grid) -> None:
         self.grid = grid
+
+
+class DenseVelocityField(StationaryVelocityField):
+    """A stationary velocity held at every point of a grid that follows the pyramid: at each
+    level the velocity moves (linear interpolation) onto the level's grid with ``grid_shrink``
+    times its spacing, and is exponentiated there.
+
+    A free-form velocity has the capacity of the grid it lives on, far beyond a B-spline's;
+    its smoothness comes from the optimiser (``gradient_sigma``: Gaussian-smoothed, "fluid"
+    updates, as in ANTs' SyN) and the regularisers, not from the parametrisation.
+    """
+
+    def __init__(self, grid: Grid, batch_size: int = 1, steps: int = 4, grid_shrink: float = 2.0, dtype=None):
+        super().__init__(grid.with_spacing(np.asarray(grid.spacing) * grid_shrink), batch_size, steps=steps,
+                         dtype=dtype)
+        self.grid_shrink = grid_shrink
+
+    def start_level(self, level_index: int, level_grid: Grid) -> None:
+        self.regrid(level_grid.with_spacing(np.asarray(level_grid.spacing) * self.grid_shrink))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, grid_shrink={self.grid_shrink:g}"

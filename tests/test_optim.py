@@ -1,0 +1,59 @@
+"""The optimisers of optim.py: Adam equals torch's (test_engine.py), FieldAdam's step size, and
+the Gaussian-smoothed gradients of fluid-like updates against scipy."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from torch import nn
+
+from airlab.optim import Adam, FieldAdam
+
+
+def _one_step(make, start, grad, **options):
+    p = nn.Parameter(start.clone())
+    opt = make([p], lr=0.5, **options)
+    p.grad = grad.clone()
+    opt.step()
+    return p.detach()
+
+
+@pytest.mark.parametrize("make", [Adam, FieldAdam])
+@pytest.mark.parametrize("d", [2, 3])
+def test_gradient_sigma_smooths_field_gradients_like_scipy(make, d, rng):
+    """With ``gradient_sigma`` the step is the plain step of the Gaussian-smoothed gradient, and
+    that smoothing is scipy's (replicated borders, truncated at 3 sigma), axis by axis, per
+    batch element and component."""
+    shape = (2, d, *(11, 9, 7)[:d])
+    start = torch.as_tensor(rng.normal(size=shape))
+    grad = torch.as_tensor(rng.normal(size=shape))
+    sigma = 1.5
+    reference = np.empty(shape)
+    for n in range(shape[0]):
+        for c in range(d):
+            reference[n, c] = ndimage.gaussian_filter(grad[n, c].numpy(), sigma, mode="nearest", truncate=3.0)
+    smoothed = _one_step(make, start, grad, gradient_sigma=sigma)
+    expected = _one_step(make, start, torch.as_tensor(reference))
+    assert torch.allclose(smoothed, expected, atol=1e-10, rtol=0)
+    assert not torch.allclose(smoothed, _one_step(make, start, grad), atol=1e-3)
+
+
+def test_gradient_sigma_leaves_other_parameters_alone(rng):
+    """Only field-shaped parameters [N, D, *shape] (D spatial axes) are smoothed: a batch of
+    vectors or of affine matrices [N, D, D] is not."""
+    for shape in ((2, 3), (2, 2, 2), (2, 3, 3)):
+        start = torch.as_tensor(rng.normal(size=shape))
+        grad = torch.as_tensor(rng.normal(size=shape))
+        assert torch.equal(_one_step(FieldAdam, start, grad, gradient_sigma=2.0), _one_step(FieldAdam, start, grad))
+
+
+def test_field_adam_largest_step_is_lr(rng):
+    """FieldAdam's first step moves the entry with the largest gradient by exactly ``lr`` and
+    the others in proportion, per batch element."""
+    grad = torch.as_tensor(rng.normal(size=(2, 2, 8, 8)))
+    grad[1] *= 100.0  # another pair, another scale: its step is still lr at its peak
+    start = torch.zeros_like(grad)
+    step = -_one_step(FieldAdam, start, grad)
+    for n in range(2):
+        peak = grad[n].abs().max()
+        assert torch.allclose(step[n], 0.5 * grad[n] / peak, atol=1e-9)
