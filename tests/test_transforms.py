@@ -237,3 +237,27 @@ def test_dense_velocity_follows_the_pyramid(rng):
     assert float((after - before).norm(dim=-1)[:, inner].max()) < 0.05
     assert float((back - pts).norm(dim=-1)[:, inner].max()) < 0.05 * min(fine.spacing)
     assert t.inverse().velocity is t.velocity
+
+
+def test_dense_velocity_first_order_gradient(rng):
+    """``exact_gradient=False`` keeps the transform (the value of exp(v)) and differentiates it as
+    v: the gradient is the loss's gradient with respect to the displacement, which for a small
+    velocity is the exact gradient to first order."""
+    from airlab.transforms import DenseVelocityField
+
+    grid = Grid((20, 18, 16), (1.5, 1.0, 2.0), (3, -7, 11), oblique_grid(3, rng).direction)
+    target = smooth_field(grid, rng, 1, magnitude=1.0, sigma=2.0)
+    grads, fields = [], []
+    for exact in (True, False):
+        t = DenseVelocityField(grid, 1, steps=5, grid_shrink=1.0, dtype=torch.float64, exact_gradient=exact)
+        with torch.no_grad():
+            t.velocity.copy_(smooth_field(grid, np.random.default_rng(3), 1, magnitude=0.05, sigma=2.0))
+        u = t.displacement(grid)
+        (u - target).square().sum().backward()
+        grads.append(t.velocity.grad.clone())
+        fields.append(u.detach())
+        if not exact:
+            assert torch.allclose(t.velocity.grad, 2 * (u.detach() - target))
+    assert torch.equal(fields[0], fields[1])
+    cosine = float((grads[0] * grads[1]).sum() / (grads[0].norm() * grads[1].norm()))
+    assert cosine > 0.99

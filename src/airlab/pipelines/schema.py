@@ -118,6 +118,7 @@ class StageConfig(_Strict):
     regulariser_shrink: float = Field(1.0, ge=1.0)
     symmetric: bool = False
     gradient_sigma: float = Field(0.0, ge=0.0)
+    exact_gradient: bool = True
 
     @field_validator("transform")
     @classmethod
@@ -140,6 +141,8 @@ class StageConfig(_Strict):
     def _one_pyramid(self):
         if self.levels is not None and (self.iterations is not None or self.strides is not None):
             raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
+        if not self.exact_gradient and self.transform != "dense-velocity":
+            raise ValueError("'exact_gradient: false' applies to transform: dense-velocity")
         if self.symmetric and self.transform not in ("velocity", "dense-velocity"):
             raise ValueError("'symmetric' needs a velocity transform (velocity, dense-velocity)")
         return self
@@ -168,6 +171,8 @@ class StageConfig(_Strict):
             options["control_spacing"] = self.control_spacing or 5.0 * float(np.mean(grid.spacing)) * 2 ** (len(levels) - 1)
         if self.transform in ("velocity", "dense-velocity"):
             options.update(steps=self.steps, exp_shrink=self.exp_shrink)
+        if self.transform == "dense-velocity":
+            options.update(exact_gradient=self.exact_gradient)
         return Stage(
             TransformSpec(self.transform, options),
             [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],

@@ -30,8 +30,10 @@ def _velocity(grid: Grid, batch_size: int, *, control_spacing: float, steps: int
                                 refine_levels=refine_levels, exp_shrink=exp_shrink)
 
 
-def _dense_velocity(grid: Grid, batch_size: int, *, steps: int = 4, exp_shrink: float | None = 2.0) -> Transform:
-    return DenseVelocityField(grid, batch_size, steps=steps, grid_shrink=exp_shrink or 1.0)
+def _dense_velocity(grid: Grid, batch_size: int, *, steps: int = 4, exp_shrink: float | None = 2.0,
+                    exact_gradient: bool = True) -> Transform:
+    return DenseVelocityField(grid, batch_size, steps=steps, grid_shrink=exp_shrink or 1.0,
+                              exact_gradient=exact_gradient)
 
 
 # name -> (fixed_grid, batch_size, **options) -> Transform

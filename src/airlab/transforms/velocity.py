@@ -167,15 +167,37 @@ class DenseVelocityField(StationaryVelocityField):
     A free-form velocity has the capacity of the grid it lives on, far beyond a B-spline's;
     its smoothness comes from the optimiser (``gradient_sigma``: Gaussian-smoothed, "fluid"
     updates, as in ANTs' SyN) and the regularisers, not from the parametrisation.
+
+    ``exact_gradient=False`` differentiates ``exp(v)`` as if it were ``v`` (its first order at
+    the identity), as greedy and log-domain demons schemes update their velocities: the
+    gradient no longer flows back through the squarings, which were most of a step's cost. The
+    transform itself is unchanged (still ``exp(v)``, still diffeomorphic, with inverse ``exp(-v)``).
     """
 
-    def __init__(self, grid: Grid, batch_size: int = 1, steps: int = 4, grid_shrink: float = 2.0, dtype=None):
+    def __init__(self, grid: Grid, batch_size: int = 1, steps: int = 4, grid_shrink: float = 2.0, dtype=None,
+                 *, exact_gradient: bool = True):
         super().__init__(grid.with_spacing(np.asarray(grid.spacing) * grid_shrink), batch_size, steps=steps,
                          dtype=dtype)
         self.grid_shrink = grid_shrink
+        self.exact_gradient = exact_gradient
 
     def start_level(self, level_index: int, level_grid: Grid) -> None:
         self.regrid(level_grid.with_spacing(np.asarray(level_grid.spacing) * self.grid_shrink))
 
+    def field(self) -> torch.Tensor:
+        if self.exact_gradient or not torch.is_grad_enabled():
+            return super().field()
+        cache = self._field_cache
+        key = ("first order", self.sign, self.steps, self.grid)
+        if cache is not None and key in cache:
+            return cache[key]
+        v = self.sign * self.velocity_field()
+        with torch.no_grad():
+            u = exponential(v, self.grid, self.steps)
+        u = u + (v - v.detach())  # the value of exp(v), the derivative of v
+        if cache is not None:
+            cache[key] = u
+        return u
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, grid_shrink={self.grid_shrink:g}"
+        return f"{super().extra_repr()}, grid_shrink={self.grid_shrink:g}, exact_gradient={self.exact_gradient}"
