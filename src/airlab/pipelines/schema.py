@@ -8,7 +8,7 @@ A config either picks a preset and adjusts it, or writes the stages out::
     seed: 0
     stages:                      # optional: replaces the preset's stages
       - name: rigid
-        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity
+        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity, wendland
         losses: [{name: ncc}]
         levels: [{shrink: 4, sigma: 4, iterations: 100}]
         lr: 0.5
@@ -117,6 +117,10 @@ class StageConfig(_Strict):
     exp_shrink: float = Field(4.0, ge=1.0)
     regulariser_shrink: float = Field(1.0, ge=1.0)
     symmetric: bool = False
+    # transform: wendland only (compactly supported radial kernels on one lattice, no refinement)
+    support: float | None = Field(None, gt=0)  # kernel radius, mm (default: twice control_spacing)
+    order: Literal[2, 4, 6] | None = None  # smoothness C2, C4 (default), C6
+    diffeomorphic: bool | None = None  # the kernel field as a velocity, exponentiated
 
     @field_validator("transform")
     @classmethod
@@ -139,8 +143,11 @@ class StageConfig(_Strict):
     def _one_pyramid(self):
         if self.levels is not None and (self.iterations is not None or self.strides is not None):
             raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
-        if self.symmetric and self.transform != "velocity":
-            raise ValueError("'symmetric' needs transform: velocity")
+        wendland_only = [k for k in ("support", "order", "diffeomorphic") if getattr(self, k) is not None]
+        if wendland_only and self.transform != "wendland":
+            raise ValueError(f"{', '.join(wendland_only)}: only for transform: wendland")
+        if self.symmetric and not (self.transform == "velocity" or self.transform == "wendland" and self.diffeomorphic):
+            raise ValueError("'symmetric' needs transform: velocity (or wendland with diffeomorphic: true)")
         return self
 
     def build_levels(self, grid: Grid) -> list[Level]:
@@ -165,8 +172,12 @@ class StageConfig(_Strict):
         if self.transform not in LINEAR:
             # control points every 5 voxels of the finest level, twice that per coarser level
             options["control_spacing"] = self.control_spacing or 5.0 * float(np.mean(grid.spacing)) * 2 ** (len(levels) - 1)
-        if self.transform == "velocity":
+        if self.transform == "velocity" or self.transform == "wendland" and self.diffeomorphic:
             options.update(steps=self.steps, exp_shrink=self.exp_shrink)
+        if self.transform == "wendland":
+            # one lattice for every level (no exact refinement): knots every 8 voxels of the finest level
+            options["control_spacing"] = self.control_spacing or 8.0 * float(np.mean(grid.spacing))
+            options.update(support=self.support, order=self.order or 4, diffeomorphic=bool(self.diffeomorphic))
         return Stage(
             TransformSpec(self.transform, options),
             [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],

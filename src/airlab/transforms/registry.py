@@ -10,6 +10,7 @@ from .base import Transform
 from .bspline import BSplineTransform
 from .linear import Affine, Rigid, Similarity, Translation
 from .velocity import BSplineVelocityField
+from .wendland import KernelVelocityField, WendlandTransform
 
 __all__ = ["TRANSFORMS", "TransformSpec"]
 
@@ -30,6 +31,14 @@ def _velocity(grid: Grid, batch_size: int, *, control_spacing: float, steps: int
                                 refine_levels=refine_levels, exp_shrink=exp_shrink)
 
 
+def _wendland(grid: Grid, batch_size: int, *, control_spacing: float, support: float | None = None, order: int = 4,
+              diffeomorphic: bool = False, steps: int = 4, exp_shrink: float | None = 4.0) -> Transform:
+    kernel = WendlandTransform(grid, control_spacing, batch_size, support=support, order=order)
+    if not diffeomorphic:
+        return kernel
+    return KernelVelocityField(grid, kernel, steps=steps, exp_shrink=exp_shrink)
+
+
 # name -> (fixed_grid, batch_size, **options) -> Transform
 TRANSFORMS = {
     "translation": _linear(Translation),
@@ -38,6 +47,7 @@ TRANSFORMS = {
     "affine": _linear(Affine),
     "bspline": _bspline,
     "velocity": _velocity,
+    "wendland": _wendland,
 }
 
 
