@@ -31,6 +31,7 @@ from .velocity import StationaryVelocityField
 __all__ = ["wendland", "WendlandTransform", "KernelVelocityField", "WENDLAND_ORDERS"]
 
 WENDLAND_ORDERS = (2, 4, 6)
+_CACHE = 4_000_000  # kernel weights kept per grid (voxels x neighbourhood): 48 MB in float32
 
 
 def wendland(r: torch.Tensor, order: int = 4) -> torch.Tensor:
@@ -75,13 +76,38 @@ class WendlandTransform(Transform):
         c = self.coefficients
         n = max(points.shape[0], self.batch_size)
         flat = points.reshape(points.shape[0], -1, self.ndim).to(c.dtype).expand(n, -1, -1)
-        disp = self._kernel_sum(c.expand(n, *c.shape[1:]), self.control.physical_to_index(flat))
+        weights, knots = self._neighbourhood(self.control.physical_to_index(flat))
+        disp = sum(w.unsqueeze(1) * torch.gather(c.expand(n, *c.shape[1:]).reshape(n, self.ndim, -1), 2,
+                                                 k.unsqueeze(1).expand(-1, self.ndim, -1))
+                   for w, k in zip(weights, knots))
         return (flat + disp.transpose(1, 2)).reshape(n, *points.shape[1:])
 
-    def _kernel_sum(self, c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """``sum_k phi(|x - x_k| / support) c_k`` as ``[N, D, P]`` at continuous lattice ``index [N, P, D]``."""
-        n, d, p = c.shape[0], self.ndim, index.shape[1]
-        flat = c.reshape(n, d, -1)
+    def displacement(self, grid: Grid) -> torch.Tensor:
+        """Dense displacement on ``grid``. The kernel weights of a grid do not depend on the
+        coefficients: an optimisation evaluates the same grid at every step, so they are kept
+        (up to ``_CACHE`` weights per grid; larger grids recompute them)."""
+        c = self.coefficients
+        if grid.numel * len(self._offsets) > _CACHE:
+            return super().displacement(grid)
+        key = (grid, self.control, c.dtype, c.device)
+        cache = self.__dict__.setdefault("_grid_weights", {})
+        if key not in cache:
+            with torch.no_grad():
+                index = self.control.physical_to_index(grid.points(c.dtype, c.device).reshape(1, -1, self.ndim))
+                weights, knots = self._neighbourhood(index)
+            if len(cache) >= 4:
+                cache.clear()
+            cache[key] = (torch.stack(weights)[:, 0], torch.stack(knots)[:, 0])  # [K, P]
+        weights, knots = cache[key]
+        n = c.shape[0]
+        gathered = c.reshape(n, self.ndim, -1)[:, :, knots.reshape(-1)].reshape(n, self.ndim, *knots.shape)
+        return (gathered * weights).sum(2).reshape(n, self.ndim, *grid.shape)
+
+    def _neighbourhood(self, index: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """For each knot offset of the compact neighbourhood of continuous lattice ``index
+        [N, P, D]``: the kernel weights ``[N, P]`` (0 beyond the support or the lattice) and
+        the flat knot indices ``[N, P]``."""
+        d = self.ndim
         base = torch.floor(index.detach()).long()
         frac = index - base
         # what each axis contributes for each offset, computed once: squared mm (index steps are
@@ -95,18 +121,16 @@ class WendlandTransform(Transform):
                 sq[a, o] = ((frac[..., a] - o) * h_a) ** 2
                 valid[a, o] = (knot >= 0) & (knot < n_a)
                 at[a, o] = knot.clamp(0, n_a - 1) * stride
-        out = None
+        weights, knots = [], []
         for offset in self._offsets:
             r2 = sum(sq[a, o] for a, o in enumerate(offset))
             inside = valid[0, offset[0]]
             for a in range(1, d):
                 inside = inside & valid[a, offset[a]]
             # clamp: the gradient of sqrt at 0 is infinite, and phi is flat there anyway
-            weight = wendland(r2.clamp_min(1e-20).sqrt() / self.support, self.order) * inside
-            knots = sum(at[a, o] for a, o in enumerate(offset))
-            term = weight.unsqueeze(1) * torch.gather(flat, 2, knots.unsqueeze(1).expand(n, d, p))
-            out = term if out is None else out + term
-        return out
+            weights.append(wendland(r2.clamp_min(1e-20).sqrt() / self.support, self.order) * inside)
+            knots.append(sum(at[a, o] for a, o in enumerate(offset)))
+        return weights, knots
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order}, support={self.support:g}, control={self.control}"
