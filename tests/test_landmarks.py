@@ -51,6 +51,11 @@ def test_csv_header_and_labels(tmp_path):
     np.testing.assert_array_equal(read_points(tmp_path / "q.csv"), [[1, 2, 3], [4, 5, 6]])
 
 
+def test_airlab_pts_without_header(tmp_path):
+    (tmp_path / "p.pts").write_text("1.5\t-2\t3\n4 5 6\n")  # what AirLab's Points.write wrote
+    np.testing.assert_array_equal(read_points(tmp_path / "p.pts"), [[1.5, -2, 3], [4, 5, 6]])
+
+
 def test_elastix_index_file_uses_the_grid(tmp_path):
     grid = Grid((10, 12), (2.0, 0.5), (5.0, -3.0), (0.0, -1.0, 1.0, 0.0))
     (tmp_path / "p.txt").write_text("index\n2\n1 2\n0 0\n")

@@ -10,7 +10,8 @@ Formats, chosen by the file name (and, for ``.txt``, by the first word):
 - 3D Slicer markups (``.mrk.json``, ``.json``): ``coordinateSystem`` per markup, LPS when absent
   (the schema's default).
 - elastix/transformix (``.pts``, ``.txt`` starting with ``point`` or ``index``): ``point`` rows
-  are mm; ``index`` rows are voxel indices, converted with the image grid they refer to.
+  are mm; ``index`` rows are voxel indices, converted with the image grid they refer to. A
+  ``.pts`` without that header is AirLab's: whitespace-separated rows in mm.
 - VTK legacy polydata (``.vtk``): the ``POINTS`` section, taken as LPS (ITK writes them so).
 
 RAS and LPS differ by the sign of x and y. Slicer and VTK files are 3D; for a 2D image their
@@ -134,6 +135,8 @@ def _read_json(path: Path, text: str) -> np.ndarray:
 def _read_pts(path: Path, text: str, grid) -> np.ndarray:
     words = text.split()
     kind = words[0].lower() if words else ""
+    if words and _number(words[0]) is not None:  # AirLab's (and DIR-Lab's) .pts: rows, no header
+        return _read_csv(path, "\n".join(",".join(ln.split()) for ln in text.splitlines() if ln.strip()))
     if kind not in ("point", "index") or len(words) < 2 or _number(words[1]) is None:
         raise InputError(f"landmarks {path}: an elastix point file starts with 'point' or 'index' and the count")
     count = int(float(words[1]))
