@@ -43,7 +43,8 @@ def known_affine(grid: al.Grid, seed: int = 0) -> al.transforms.Affine:
     if d == 2:
         rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     else:
-        rot = al.transforms.rotation_matrix(torch.tensor([[angle, -angle / 2, angle / 3]], dtype=torch.float64))[0].numpy()
+        rotation = torch.tensor([[angle, -angle / 2, angle / 3]], dtype=torch.float64)
+        rot = al.transforms.rotation_matrix(rotation)[0].numpy()
     return al.transforms.Affine(d, matrix=torch.as_tensor(rot @ matrix), translation=rng.uniform(-6, 6, size=d),
                                 center=grid.center(), dtype=torch.float64)
 

@@ -283,7 +283,8 @@ class Registration:
             torch.manual_seed(self.seed)
             return self._run(fixed, moving, fixed_mask, moving_mask, initial, device, dtype, landmarks)
 
-    def _run(self, fixed, moving, fixed_mask, moving_mask, initial, device, dtype, landmarks=(None, None, 0.0)) -> Result:
+    def _run(self, fixed, moving, fixed_mask, moving_mask, initial, device, dtype,
+             landmarks=(None, None, 0.0)) -> Result:
         start = time.perf_counter()
         pair = prepare_pair(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, device=device, dtype=dtype,
                             normalise_intensities=self.normalise)

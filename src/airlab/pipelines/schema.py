@@ -146,7 +146,8 @@ class StageConfig(_Strict):
         wendland_only = [k for k in ("support", "order", "diffeomorphic") if getattr(self, k) is not None]
         if wendland_only and self.transform != "wendland":
             raise ValueError(f"{', '.join(wendland_only)}: only for transform: wendland")
-        if self.symmetric and not (self.transform == "velocity" or self.transform == "wendland" and self.diffeomorphic):
+        velocity = self.transform == "velocity" or self.transform == "wendland" and self.diffeomorphic
+        if self.symmetric and not velocity:
             raise ValueError("'symmetric' needs transform: velocity (or wendland with diffeomorphic: true)")
         return self
 

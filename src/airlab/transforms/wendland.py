@@ -31,7 +31,7 @@ from .velocity import StationaryVelocityField
 __all__ = ["wendland", "WendlandTransform", "KernelVelocityField", "WENDLAND_ORDERS"]
 
 WENDLAND_ORDERS = (2, 4, 6)
-_CACHE = 4_000_000  # kernel weights kept per grid (voxels x neighbourhood): 48 MB in float32
+_CACHE = 8_000_000  # kernel weights kept per grid (voxels x neighbourhood): 96 MB in float32
 
 
 def wendland(r: torch.Tensor, order: int = 4) -> torch.Tensor:
