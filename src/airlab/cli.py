@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .errors import AirlabError
+from .landmarks import LANDMARK_WEIGHT
 from .pipelines.schema import METRICS, PRESETS
 from .workflows.staging import staged_output
 
@@ -64,12 +65,19 @@ def _read(path: Path):
               help="YAML pipeline: a preset to adjust, or stages written out (see airlab.pipelines), or the "
               "metrics.json of an earlier run (replays its pipeline). Options given on the command line win "
               "over the file.")
+@click.option("--fixed-points", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Landmarks in FIXED (CSV, Slicer .fcsv/.mrk.json, elastix .pts, VTK); TRE goes into metrics.json.")
+@click.option("--moving-points", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The corresponding landmarks in MOVING, same order.")
+@click.option("--landmark-weight", type=click.FloatRange(min=0), default=LANDMARK_WEIGHT, show_default=True,
+              help="Weight (per mm^2) of the landmarks' mean squared distance in every stage's objective; "
+              "0 only measures their TRE.")
 @click.option("--quiet", is_flag=True, help="No progress bars or summary.")
 @click.option("--no-report", is_flag=True, help="Skip report.png and report.html (saves a few seconds per pair).")
 @click.option("--overwrite", is_flag=True, help="Replace airlab outputs already in OUTDIR (nothing else is touched).")
 @click.pass_context
-def register(ctx, fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, device, seed, config_path, quiet,
-             no_report, overwrite):
+def register(ctx, fixed, moving, outdir, preset, metric, fixed_mask, moving_mask, device, seed, config_path,
+             fixed_points, moving_points, landmark_weight, quiet, no_report, overwrite):
     """Register MOVING to FIXED; write warped.nii.gz (MOVING on FIXED's grid),
     displacement.nii.gz (the whole transform as an ITK displacement field on FIXED's grid:
     mm, LPS, fixed point -> moving point), affine.txt (the linear part, ITK format) and
@@ -77,13 +85,19 @@ def register(ctx, fixed, moving, outdir, preset, metric, fixed_mask, moving_mask
     result: report.png and report.html (self-contained)."""
     from .workflows import register_files
 
+    if (fixed_points is None) != (moving_points is None):
+        raise click.UsageError("--fixed-points and --moving-points go together")
     pipeline, preset, metric, seed, device, record = _pipeline(ctx, config_path, preset, metric, seed, device)
     out = register_files(fixed, moving, outdir, pipeline, fixed_mask=fixed_mask, moving_mask=moving_mask,
                          device=_device(device), seed=seed, progress=not quiet, report=not no_report,
-                         overwrite=overwrite, preset=preset, metric=metric, record=record)
+                         overwrite=overwrite, preset=preset, metric=metric, record=record, fixed_points=fixed_points,
+                         moving_points=moving_points, landmark_weight=landmark_weight)
     if not quiet:
         click.echo(f"airlab register: {preset or 'config'} in {out.metrics['registration_time_s']:.1f} s; results in "
                    f"{outdir}/ (report: {outdir / 'report.html'})")
+        if "tre_mm" in out.metrics:
+            click.echo(f"  landmarks: TRE {out.metrics['tre_before_mm']['mean']:.2f} mm before, "
+                       f"{out.metrics['tre_mm']['mean']:.2f} mm after (mean of {out.metrics['landmarks']['count']})")
 
 
 def _pipeline(ctx, config_path, preset, metric, seed, device):
@@ -117,8 +131,8 @@ def _pipeline(ctx, config_path, preset, metric, seed, device):
               help="Default: nearest for integer (label) images, linear otherwise. 'label' moves label "
               "boundaries smoothly.")
 @click.option("--points", type=click.Path(exists=True, path_type=Path),
-              help="Also map landmarks: a CSV of physical x,y[,z] (mm, LPS) in the reference's space; the "
-              "mapped points are written next to OUT as <OUT stem>_points.csv.")
+              help="Also map landmarks in the reference's space (CSV of x,y[,z] mm LPS, Slicer .fcsv/.mrk.json, "
+              "elastix .pts, VTK); the mapped points are written next to OUT as <OUT stem>_points.csv.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def warp(image, transform_path, reference, output, interpolation, points, overwrite):
     """Apply a found transform to IMAGE, resampling it onto REFERENCE's grid."""
@@ -149,9 +163,7 @@ def warp(image, transform_path, reference, output, interpolation, points, overwr
             out = out.to(torch.float32)
         write_image(out, stage / output.name)
         if points_out:
-            table = _read_points(points)
-            if table.shape[1] != moving.ndim or not np.isfinite(table).all():
-                raise click.ClickException(f"{points}: expected {moving.ndim} finite numbers per row (x,y[,z] in mm)")
+            table = _read_points(points, ref.grid)
             mapped = transform.transform_points(table)
             header = ",".join("xyz"[: moving.ndim])
             np.savetxt(stage / points_out.name, mapped, delimiter=",", header=header, comments="", fmt="%.6f")
@@ -191,9 +203,11 @@ def demo(outdir: Path, preset: str, seed: int, quiet: bool, overwrite: bool):
 @click.option("--moving-labels", type=click.Path(exists=True, path_type=Path),
               help="Label map on the moving image; warped onto the fixed grid (nearest) and compared.")
 @click.option("--labels", "label_list", type=str, help="Comma-separated labels to score (default: all non-zero).")
-@click.option("--fixed-points", type=click.Path(exists=True, path_type=Path), help="CSV of x,y[,z] (mm) in fixed space.")
+@click.option("--fixed-points", type=click.Path(exists=True, path_type=Path),
+              help="Landmarks in fixed space (CSV of x,y[,z] mm LPS, Slicer .fcsv/.mrk.json, elastix .pts, VTK).")
 @click.option("--moving-points", type=click.Path(exists=True, path_type=Path),
-              help="CSV of the corresponding x,y[,z] (mm) in moving space, same order.")
+              help="The corresponding landmarks in moving space, same order (an elastix index file cannot be "
+              "converted here: the moving grid is unknown).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the measures as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace the JSON file if it exists.")
 def evaluate(transform_path, fixed_labels, moving_labels, label_list, fixed_points, moving_points, json_path, overwrite):
@@ -236,11 +250,9 @@ def evaluate(transform_path, fixed_labels, moving_labels, label_list, fixed_poin
         report["dice"] = {str(k): v for k, v in dice(a, b, labels=wanted).items()}
         report["hd95_mm"] = {str(k): v for k, v in hd95(a, b, grid, labels=wanted).items()}
     if fixed_points is not None:
-        fp, mp = _read_points(fixed_points), _read_points(moving_points)
-        if fp.shape != mp.shape or fp.shape[1] != grid.ndim:
-            raise click.ClickException(
-                f"landmark files differ in shape {fp.shape} vs {mp.shape} or are not {grid.ndim}D"
-            )
+        fp, mp = _read_points(fixed_points, grid), _read_points(moving_points, None, grid.ndim)
+        if fp.shape != mp.shape:
+            raise click.ClickException(f"{len(fp)} fixed points but {len(mp)} moving points; they pair by row")
         report["tre_mm"] = tre(field.transform_points(fp), mp)
         report["tre_before_mm"] = tre(fp, mp)
     if json_path is not None:
@@ -266,17 +278,11 @@ def _print_report(report: dict) -> None:
         click.echo(f"{name:<{width}}  {value}")
 
 
-def _read_points(path: Path):
-    """Rows of x,y[,z] (mm); a first row of column names is skipped."""
-    import numpy as np
+def _read_points(path: Path, grid, ndim: int | None = None):
+    """``[P, D]`` landmarks (mm, LPS) of any format :mod:`airlab.landmarks` reads."""
+    from .landmarks import read_points
 
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if lines and any(c.isalpha() for c in lines[0].replace("e", "").replace("E", "")):
-        lines = lines[1:]
-    try:
-        return np.array([[float(v) for v in ln.split(",")] for ln in lines], dtype=float).reshape(len(lines), -1)
-    except ValueError as exc:
-        raise click.ClickException(f"{path}: not a CSV of numbers ({exc})") from None
+    return read_points(path, grid=grid, ndim=ndim)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

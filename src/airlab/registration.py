@@ -1,6 +1,7 @@
 """The registration engine: stages of pyramid levels minimising a weighted objective.
 
 ``objective = sum_i w_i * loss_i(fixed, moving o T) + sum_j w_j * reg_j(displacement of the stage)``
+``            [+ w_l * mean_p |T(fixed_point_p) - moving_point_p|^2]`` (landmarks, when given)
 
 A :class:`Stage` says which transform to optimise, with which terms, optimiser and pyramid; a
 :class:`Registration` runs stages in order, each starting from the transform the previous ones
@@ -22,6 +23,7 @@ from torch import nn
 from .errors import RegistrationError
 from .image import Image, resample
 from .inputs import initial_translation, prepare_pair
+from .landmarks import LANDMARK_WEIGHT, landmark_loss, landmark_pairs
 from .optim import Adam, FieldAdam
 from .progress import default_progress
 from .pyramid import Level, LevelData, Pyramid, level_grid, strided_views
@@ -273,18 +275,25 @@ class Registration:
                 method(info)
 
     def run(self, fixed: Image, moving: Image, *, fixed_mask: Image | None = None, moving_mask: Image | None = None,
-            initial: Transform | None = None, device=None, dtype=torch.float32) -> Result:
+            initial: Transform | None = None, device=None, dtype=torch.float32, fixed_points=None,
+            moving_points=None, landmark_weight: float = LANDMARK_WEIGHT) -> Result:
+        """Register; ``fixed_points``/``moving_points`` (``[P, D]`` or ``[N, P, D]`` mm, paired
+        by row) add ``landmark_weight`` times :func:`~airlab.landmarks.landmark_loss` to every
+        stage's objective (weight 0: the points are not used)."""
+        landmarks = (fixed_points, moving_points, landmark_weight)
         if self.seed is None:
-            return self._run(fixed, moving, fixed_mask, moving_mask, initial, device, dtype)
+            return self._run(fixed, moving, fixed_mask, moving_mask, initial, device, dtype, landmarks)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            return self._run(fixed, moving, fixed_mask, moving_mask, initial, device, dtype)
+            return self._run(fixed, moving, fixed_mask, moving_mask, initial, device, dtype, landmarks)
 
-    def _run(self, fixed, moving, fixed_mask, moving_mask, initial, device, dtype) -> Result:
+    def _run(self, fixed, moving, fixed_mask, moving_mask, initial, device, dtype,
+             landmarks=(None, None, 0.0)) -> Result:
         start = time.perf_counter()
         pair = prepare_pair(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, device=device, dtype=dtype,
                             normalise_intensities=self.normalise)
         device = pair.fixed.device
+        landmarks = landmark_pairs(*landmarks, ndim=fixed.ndim, batch=pair.batch, device=device, dtype=dtype)
         done: list[Transform] = []  # stage transforms, fixed once their stage is over
         prior = None
         if initial is not None:
@@ -312,14 +321,14 @@ class Registration:
                 t.start_level(li, data.grid)
                 if stage.on_level is not None:
                     stage.on_level(t, li, data.grid)
-                history.append(self._run_level(stage, s, li, level, t, previous, data, pair.radius))
+                history.append(self._run_level(stage, s, li, level, t, previous, data, pair.radius, landmarks))
             for p in t.parameters():
                 p.requires_grad_(False)
             done.append(t)
         return Result(_chain(done, prior), done, history, time.perf_counter() - start, fixed.grid)
 
     # ------------------------------------------------------------------ pieces
-    def _terms(self, stage, names, t, previous, data: LevelData, points):
+    def _terms(self, stage, names, t, previous, data: LevelData, points, landmarks=None):
         fixed = data.fixed
         if stage.symmetric:
             if not isinstance(t, StationaryVelocityField):
@@ -362,9 +371,15 @@ class Registration:
             v = reg(reg_disp, reg_grid)
             terms[next(names)] = v.detach()
             total = total + w * v
+        if landmarks is not None:
+            fixed_points, moving_points, w = landmarks
+            mapped = t(fixed_points)  # this stage acts first, then the ones found before it
+            v = landmark_loss(previous(mapped) if previous is not None else mapped, moving_points)
+            terms["landmarks"] = v.detach()
+            total = total + w * v
         return total, terms
 
-    def _run_level(self, stage, s, li, level, t, previous, data: LevelData, radius) -> dict:
+    def _run_level(self, stage, s, li, level, t, previous, data: LevelData, radius, landmarks=None) -> dict:
         views = strided_views(data, level.stride)
         points = [v.grid.points(dtype=data.fixed.dtype, device=data.fixed.device) for v in views]
         names = term_names(stage)
@@ -396,7 +411,8 @@ class Registration:
                         p.grad = None
                     k = it % len(views)
                     with t.cached():
-                        total, evaluated["terms"] = self._terms(stage, names, t, previous, views[k], points[k])
+                        total, evaluated["terms"] = self._terms(stage, names, t, previous, views[k], points[k],
+                                                                landmarks)
                     evaluated["total"] = total.detach()
                     loss = total.sum()  # summing keeps every batch element's gradient its own
                     loss.backward()

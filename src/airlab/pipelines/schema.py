@@ -8,7 +8,7 @@ A config either picks a preset and adjusts it, or writes the stages out::
     seed: 0
     stages:                      # optional: replaces the preset's stages
       - name: rigid
-        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity
+        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity, wendland
         losses: [{name: ncc}]
         levels: [{shrink: 4, sigma: 4, iterations: 100}]
         lr: 0.5
@@ -119,6 +119,10 @@ class StageConfig(_Strict):
     symmetric: bool = False
     gradient_sigma: float = Field(0.0, ge=0.0)
     exact_gradient: bool = True
+    # transform: wendland only (compactly supported radial kernels on one lattice, no refinement)
+    support: float | None = Field(None, gt=0)  # kernel radius, mm (default: twice control_spacing)
+    order: Literal[2, 4, 6] | None = None  # smoothness C2, C4 (default), C6
+    diffeomorphic: bool | None = None  # the kernel field as a velocity, exponentiated
 
     @field_validator("transform")
     @classmethod
@@ -143,8 +147,13 @@ class StageConfig(_Strict):
             raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
         if not self.exact_gradient and self.transform != "dense-velocity":
             raise ValueError("'exact_gradient: false' applies to transform: dense-velocity")
-        if self.symmetric and self.transform not in ("velocity", "dense-velocity"):
-            raise ValueError("'symmetric' needs a velocity transform (velocity, dense-velocity)")
+        wendland_only = [k for k in ("support", "order", "diffeomorphic") if getattr(self, k) is not None]
+        if wendland_only and self.transform != "wendland":
+            raise ValueError(f"{', '.join(wendland_only)}: only for transform: wendland")
+        velocity = self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic
+        if self.symmetric and not velocity:
+            raise ValueError("'symmetric' needs a velocity: transform velocity, dense-velocity, or wendland with "
+                             "diffeomorphic: true")
         return self
 
     def build_levels(self, grid: Grid) -> list[Level]:
@@ -169,10 +178,14 @@ class StageConfig(_Strict):
         if self.transform not in LINEAR and self.transform != "dense-velocity":
             # control points every 5 voxels of the finest level, twice that per coarser level
             options["control_spacing"] = self.control_spacing or 5.0 * float(np.mean(grid.spacing)) * 2 ** (len(levels) - 1)
-        if self.transform in ("velocity", "dense-velocity"):
+        if self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic:
             options.update(steps=self.steps, exp_shrink=self.exp_shrink)
         if self.transform == "dense-velocity":
             options.update(exact_gradient=self.exact_gradient)
+        if self.transform == "wendland":
+            # one lattice for every level (no exact refinement): knots every 8 voxels of the finest level
+            options["control_spacing"] = self.control_spacing or 8.0 * float(np.mean(grid.spacing))
+            options.update(support=self.support, order=self.order or 4, diffeomorphic=bool(self.diffeomorphic))
         return Stage(
             TransformSpec(self.transform, options),
             [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],

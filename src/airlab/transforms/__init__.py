@@ -15,6 +15,7 @@ from .itkio import (
 )
 from .linear import Affine, LinearTransform, Rigid, Similarity, Translation, rotation_matrix
 from .velocity import BSplineVelocityField, DenseVelocityField, StationaryVelocityField, exponential
+from .wendland import KernelVelocityField, WendlandTransform, wendland
 from .registry import TRANSFORMS, TransformSpec
 
 __all__ = [
@@ -41,6 +42,9 @@ __all__ = [
     "read_displacement_field",
     "write_displacement_field",
     "TransformIOError",
+    "WendlandTransform",
+    "KernelVelocityField",
+    "wendland",
     "TRANSFORMS",
     "TransformSpec",
 ]

@@ -10,6 +10,7 @@ from .base import Transform
 from .bspline import BSplineTransform
 from .linear import Affine, Rigid, Similarity, Translation
 from .velocity import BSplineVelocityField, DenseVelocityField
+from .wendland import KernelVelocityField, WendlandTransform
 
 __all__ = ["TRANSFORMS", "TransformSpec"]
 
@@ -36,6 +37,14 @@ def _dense_velocity(grid: Grid, batch_size: int, *, steps: int = 4, exp_shrink: 
                               exact_gradient=exact_gradient)
 
 
+def _wendland(grid: Grid, batch_size: int, *, control_spacing: float, support: float | None = None, order: int = 4,
+              diffeomorphic: bool = False, steps: int = 4, exp_shrink: float | None = 4.0) -> Transform:
+    kernel = WendlandTransform(grid, control_spacing, batch_size, support=support, order=order)
+    if not diffeomorphic:
+        return kernel
+    return KernelVelocityField(grid, kernel, steps=steps, exp_shrink=exp_shrink)
+
+
 # name -> (fixed_grid, batch_size, **options) -> Transform
 TRANSFORMS = {
     "translation": _linear(Translation),
@@ -45,6 +54,7 @@ TRANSFORMS = {
     "bspline": _bspline,
     "velocity": _velocity,
     "dense-velocity": _dense_velocity,
+    "wendland": _wendland,
 }
 
 

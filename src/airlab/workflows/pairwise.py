@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..image import Image, read_image, resample, write_image
+from ..landmarks import LANDMARK_WEIGHT
 from ..pipelines import PipelineConfig, default_metric
 from ..registration import Registration, Result
 from ..spatial import inside
@@ -27,7 +28,7 @@ from ..transforms import (DisplacementField, LinearTransform, StationaryVelocity
                           write_transform)
 from .staging import staged_output
 
-__all__ = ["OUTPUTS", "Outputs", "as_image", "register_pair", "write_outputs", "register_files"]
+__all__ = ["OUTPUTS", "Outputs", "as_image", "as_points", "register_pair", "write_outputs", "register_files"]
 
 OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "affine.txt", "metrics.json",
            "report.png", "report.html"]
@@ -93,17 +94,44 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
+def as_points(value, grid, what: str = "points"):
+    """``[P, D]`` float64 landmarks (mm, LPS) from a landmark file (any format of
+    :mod:`airlab.landmarks`; index files refer to ``grid``) or an array."""
+    import numpy as np
+
+    from ..landmarks import read_points
+
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return read_points(value, grid=grid)
+    value = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value, dtype=float)
+    if value.ndim != 2 or value.shape[1] != grid.ndim or not np.isfinite(value).all():
+        raise InputError(f"{what} must be finite [P, {grid.ndim}] coordinates (mm), got shape {value.shape}")
+    return value
+
+
 def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, moving_mask=None, device="cpu",
-                  seed: int | None = 0, progress=False, preset: str | None = None, metric: str | None = None) -> Outputs:
+                  seed: int | None = 0, progress=False, preset: str | None = None, metric: str | None = None,
+                  fixed_points=None, moving_points=None, landmark_weight: float = LANDMARK_WEIGHT) -> Outputs:
     """Register ``moving`` to ``fixed`` (paths or images) with ``pipeline``; nothing is written.
 
-    ``preset``/``metric`` name what the pipeline was made from, for the record only."""
+    ``preset``/``metric`` name what the pipeline was made from, for the record only.
+    ``fixed_points``/``moving_points`` (landmark files or ``[P, D]`` arrays, paired by row): their
+    TRE before and after goes into the metrics, and with ``landmark_weight > 0`` every stage's
+    objective also pulls them together (see :class:`~airlab.registration.Registration`)."""
     f, m = as_image(fixed, "fixed image"), as_image(moving, "moving image")
     fm, mm = as_image(fixed_mask, "fixed mask"), as_image(moving_mask, "moving mask")
+    fp, mp = as_points(fixed_points, f.grid, "fixed points"), as_points(moving_points, m.grid, "moving points")
+    if (fp is None) != (mp is None):
+        raise InputError("landmarks need both fixed and moving points")
+    if fp is not None and fp.shape != mp.shape:
+        raise InputError(f"{len(fp)} fixed points but {len(mp)} moving points; they pair by row")
     resolved = pipeline.resolve().model_copy(update={"seed": seed})  # recorded as it ran
     registration = Registration(resolved.build(f.grid), progress=progress, seed=seed,
                                 **resolved.registration_options())
-    result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=device)
+    result = registration(f, m, fixed_mask=fm, moving_mask=mm, device=device, fixed_points=fp, moving_points=mp,
+                          landmark_weight=landmark_weight)
     with torch.no_grad():
         # the transform sampled once on the fixed grid both warps the image and is the field
         # written: evaluating a B-spline at every voxel twice took seconds at 2 mm
@@ -133,7 +161,22 @@ def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, m
         # the whole pipeline that ran: `airlab register --config metrics.json` replays it
         "pipeline": resolved.model_dump(mode="json", exclude_none=True),
     }
+    if fp is not None:
+        metrics.update(_landmark_metrics(result, fp, mp, landmark_weight))
     return Outputs(result, warped, dense.to("cpu"), metrics, f, m, inverse, fm)
+
+
+def _landmark_metrics(result: Result, fixed_points, moving_points, weight: float) -> dict:
+    """TRE (mm) of the landmarks before and after; with a batch, over every pair's points."""
+    from ..evaluate import tre
+
+    with torch.no_grad():
+        mapped = result.transform.transform_points(fixed_points).reshape(-1, fixed_points.shape[1])
+    copies = len(mapped) // len(fixed_points)
+    target = torch.as_tensor(moving_points).repeat(copies, 1)
+    before = torch.as_tensor(fixed_points).repeat(copies, 1)
+    return {"landmarks": {"count": len(fixed_points), "weight": weight, "used_in_objective": weight > 0},
+            "tre_before_mm": tre(before, target), "tre_mm": tre(mapped, target)}
 
 
 def write_outputs(outputs: Outputs, folder: Path, *, report: bool = True, started: float | None = None) -> None:
@@ -169,17 +212,21 @@ def write_outputs(outputs: Outputs, folder: Path, *, report: bool = True, starte
 
 def register_files(fixed, moving, outdir, pipeline: PipelineConfig, *, fixed_mask=None, moving_mask=None,
                    device="cpu", seed: int | None = 0, progress=False, report: bool = True, overwrite: bool = False,
-                   preset: str | None = None, metric: str | None = None, record: dict | None = None) -> Outputs:
+                   preset: str | None = None, metric: str | None = None, record: dict | None = None,
+                   fixed_points=None, moving_points=None, landmark_weight: float = LANDMARK_WEIGHT) -> Outputs:
     """Register the files ``moving`` to ``fixed`` and write the outputs into ``outdir``, staged:
     OUTDIR gets every file or none, and files there are replaced only with ``overwrite`` (and
     only those named like airlab's outputs). ``record`` is added to metrics.json."""
     start = time.perf_counter()
     with staged_output(Path(outdir), list(OUTPUTS), overwrite) as stage:
         out = register_pair(fixed, moving, pipeline, fixed_mask=fixed_mask, moving_mask=moving_mask, device=device,
-                            seed=seed, progress=progress, preset=preset, metric=metric)
+                            seed=seed, progress=progress, preset=preset, metric=metric, fixed_points=fixed_points,
+                            moving_points=moving_points, landmark_weight=landmark_weight)
         out.metrics.update(record or {})
         out.metrics.update({"fixed": _name(fixed), "moving": _name(moving), "fixed_mask": _name(fixed_mask),
                             "moving_mask": _name(moving_mask)})
+        if fixed_points is not None:
+            out.metrics["landmarks"].update(fixed_points=_name(fixed_points), moving_points=_name(moving_points))
         write_outputs(out, stage, report=report, started=start)
     return out
 
