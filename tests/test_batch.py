@@ -1,0 +1,139 @@
+"""`airlab batch` end to end on small real 2D pairs: the MNI slice at 3 mm and copies of it
+deformed by known, seeded deformations; locally, in device batches, and on a real Dask
+LocalCluster (2 worker processes)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import airlab as al
+from airlab.datasets import example_path
+from airlab.synthetic import random_deformation
+
+REGISTER_FILES = ["affine.txt", "displacement.nii.gz", "inverse_displacement.nii.gz", "metrics.json", "report.html",
+                  "report.png", "warped.nii.gz"]
+
+
+def labels_of(image):
+    return al.Image((image.data > 60).to(torch.int16) + (image.data > 120).to(torch.int16), image.grid)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """fixed.nii.gz (+ labels), m0..m5 (+ labels) deformed copies, nan.mha (a broken moving image)."""
+    root = tmp_path_factory.mktemp("pairs")
+    full = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
+    grid = full.grid.with_spacing(3.0)
+    with torch.no_grad():
+        fixed = al.resample(full, grid)
+    al.write_image(fixed, root / "fixed.nii.gz")
+    al.write_image(labels_of(fixed), root / "fixed_labels.nii.gz")
+    for i in range(6):
+        deformation = random_deformation(grid, i, max_displacement=5.0)
+        with torch.no_grad():
+            al.write_image(al.resample(fixed, grid, deformation), root / f"m{i}.nii.gz")
+            al.write_image(al.resample(labels_of(fixed), grid, deformation), root / f"m{i}_labels.nii.gz")
+    broken = fixed.data[0, 0].numpy().copy()
+    broken[10:20, 10:20] = np.nan
+    image = sitk.GetImageFromArray(broken)
+    image.CopyInformation(fixed.to_sitk())
+    sitk.WriteImage(image, str(root / "nan.mha"))  # NIfTI would not keep the NaNs
+    return root
+
+
+def manifest(data, ids, name="manifest.csv", broken=()):
+    rows = ["id,fixed,moving,fixed_labels,moving_labels"]
+    rows += [f"p{i},fixed.nii.gz,m{i}.nii.gz,fixed_labels.nii.gz,m{i}_labels.nii.gz" for i in ids]
+    rows += [f"{b},fixed.nii.gz,nan.mha,," for b in broken]
+    (data / name).write_text("\n".join(rows) + "\n")
+    return data / name
+
+
+def airlab(*args, env=None):
+    done = subprocess.run([sys.executable, "-m", "airlab", "batch", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    return done.returncode, done.stdout, done.stderr
+
+
+def results(outroot):
+    with open(outroot / "results.csv", newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def dice_before(data, pair_id):
+    from airlab.evaluate import dice
+
+    fixed = al.read_image(data / "fixed_labels.nii.gz").data[0, 0].numpy()
+    moving = al.read_image(data / f"m{pair_id[1:]}_labels.nii.gz").data[0, 0].numpy()
+    return dice(moving, fixed)["mean"]
+
+
+def stamps(outroot, ids):
+    return {i: (outroot / i / "metrics.json").stat().st_mtime_ns for i in ids}
+
+
+def test_a_broken_pair_fails_alone_and_a_rerun_registers_nothing_twice(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's")  # never touched
+    code, stdout, err = airlab(manifest(data, [0, 1], broken=["bad"]), "-o", out, "--preset", "affine",
+                               "--retries", "0")
+    assert code == 1, err
+    rows = results(out)
+    assert [rows[i]["status"] for i in ("p0", "p1", "bad")] == ["done", "done", "failed"]
+    assert "NaN" in rows["bad"]["error"] and "bad failed" in err and "\n" not in rows["bad"]["error"]
+    for i in ("p0", "p1"):
+        assert sorted(p.name for p in (out / i).iterdir()) == REGISTER_FILES  # exactly register's files
+        assert float(rows[i]["dice_mean"]) > dice_before(data, i) + 0.05 and float(rows[i]["hd95_mm_mean"]) >= 0
+        assert rows[i]["device"] == "cpu" and float(rows[i]["final_objective"]) > 0 and rows[i]["resumed"] == "False"
+        assert float(rows[i]["folding_percent"]) == 0 and float(rows[i]["sdlogj"]) >= 0
+    assert not (out / "bad").exists()
+    page = (out / "index.html").read_text()
+    assert 'href="p0/report.html"' in page and 'src="p1/report.png"' in page and "<script>" in page
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "notes.txt", "p0", "p1", "results.csv"]
+    before = stamps(out, ["p0", "p1"])
+    code, _, err = airlab(manifest(data, [0, 1, 2], broken=["bad"]), "-o", out, "--preset", "affine",
+                          "--retries", "0")
+    assert code == 1
+    rows = results(out)
+    assert stamps(out, ["p0", "p1"]) == before  # finished pairs were not registered again
+    assert rows["p0"]["resumed"] == "True" and rows["p2"]["status"] == "done" and rows["p2"]["resumed"] == "False"
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
+def test_resume_after_the_run_is_killed(data, tmp_path):
+    out = tmp_path / "out"
+    ids = [0, 1, 2, 3, 4, 5]
+    args = [sys.executable, "-m", "airlab", "batch", manifest(data, ids, "six.csv"), "-o", out, "--preset", "affine",
+            "--no-report", "--quiet"]
+    run = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "p0" / "metrics.json").exists():
+            assert run.poll() is None and time.monotonic() < deadline, "the batch ended before its first pair"
+            time.sleep(0.02)
+    finally:
+        run.kill()  # SIGKILL: no clean-up of any kind
+        run.wait()
+    finished = [f"p{i}" for i in ids if (out / f"p{i}" / "metrics.json").exists()]
+    assert len(finished) < len(ids), "the run finished before it was killed: nothing to resume"
+    before = stamps(out, finished)
+    code, _, err = airlab(data / "six.csv", "-o", out, "--preset", "affine",
+                          "--no-report", "--quiet")
+    assert code == 0, err
+    rows = results(out)
+    assert all(rows[f"p{i}"]["status"] == "done" for i in ids)
+    assert stamps(out, finished) == before
+    assert {i for i, r in rows.items() if r["resumed"] == "True"} == set(finished)
+    assert not list(out.glob(".airlab-*"))  # the killed run's staging folder was cleared
+    for i in ids:
+        assert (out / f"p{i}" / "displacement.nii.gz").exists()
