@@ -137,3 +137,67 @@ def test_resume_after_the_run_is_killed(data, tmp_path):
     assert not list(out.glob(".airlab-*"))  # the killed run's staging folder was cleared
     for i in ids:
         assert (out / f"p{i}" / "displacement.nii.gz").exists()
+
+
+def test_on_a_local_dask_cluster_a_broken_pair_fails_alone(data, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = airlab(manifest(data, [0, 1, 2], "dask.csv", broken=["bad"]), "-o", out, "--preset", "affine",
+                          "--cluster", "local:2", "--retries", "1", "--no-report")
+    assert code == 1, err
+    rows = results(out)
+    assert [rows[f"p{i}"]["status"] for i in range(3)] == ["done"] * 3
+    assert rows["bad"]["status"] == "failed" and "NaN" in rows["bad"]["error"]
+    assert "Traceback" not in err  # the workers' logs stay quiet; the error is one line
+    assert sorted(p.name for p in (out / "p1").iterdir()) == sorted(set(REGISTER_FILES) - {"report.html", "report.png"})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+        with Client(local) as client:
+            yield local, client
+
+
+def test_a_worker_killed_during_a_pair_is_retried_elsewhere(data, tmp_path, cluster):
+    local, client = cluster
+    out = tmp_path / "out"
+    ids = [0, 1, 2, 3]
+    run = subprocess.Popen([sys.executable, "-m", "airlab", "batch", str(manifest(data, ids, "kill.csv")), "-o",
+                            str(out), "--preset", "affine", "--no-report", "--quiet", "--retries", "0",
+                            "--scheduler", local.scheduler_address], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and run.poll() is None and time.monotonic() < deadline:
+        for worker, keys in client.processing().items():
+            running = [k for k in keys if str(k).startswith("airlab-batch-")]
+            if running:
+                pid = client.run(os.getpid, workers=[worker])[worker]
+                os.kill(pid, signal.SIGKILL)  # the worker process dies mid-pair, as if the node were lost
+                killed = (worker, running[0])
+                break
+        time.sleep(0.01)
+    _, err = run.communicate(timeout=600)
+    assert killed is not None, "no pair was seen running on a worker"
+    assert run.returncode == 0, err
+    rows = results(out)
+    assert all(rows[f"p{i}"]["status"] == "done" for i in ids)
+    assert killed[0] not in client.scheduler_info()["workers"]  # that worker is gone; another finished its pair
+    story = client.run_on_scheduler(lambda dask_scheduler: [t[2] for t in dask_scheduler.story(killed[1])])
+    assert story.count("processing") >= 2  # the pair the dead worker held was given to a worker again
+    for i in ids:
+        assert json.loads((out / f"p{i}" / "metrics.json").read_text())["batch_id"] == f"p{i}"
+
+
+def test_python_api_with_a_client(data, tmp_path, cluster):
+    from airlab import batch
+
+    _, client = cluster
+    summary = batch.run(manifest(data, [0, 1], "api.csv"), tmp_path / "out", preset="affine", report=False,
+                        client=client)
+    assert summary.done == 2 and not summary.failed
+    assert summary.results.exists() and summary.index.exists()
+    again = batch.run(data / "api.csv", tmp_path / "out", preset="affine", report=False, client=client)
+    assert all(r["resumed"] for r in again.rows)

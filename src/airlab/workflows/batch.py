@@ -212,8 +212,10 @@ def _client(client, scheduler, cluster, workers):
         return client, []
     if scheduler is None and cluster is None and workers <= 1:
         return None, []
-    from dask.distributed import Client, LocalCluster
-
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ManifestError("running on Dask needs dask.distributed: pip install 'airlab[dask]'") from None
     if scheduler is not None:
         client = Client(scheduler)
         return client, [client]
