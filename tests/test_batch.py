@@ -91,6 +91,7 @@ def test_a_broken_pair_fails_alone_and_a_rerun_registers_nothing_twice(data, tmp
     rows = results(out)
     assert [rows[i]["status"] for i in ("p0", "p1", "bad")] == ["done", "done", "failed"]
     assert "NaN" in rows["bad"]["error"] and "bad failed" in err and "\n" not in rows["bad"]["error"]
+    assert "[1/3] p0 done in" in err and "[3/3] bad failed: " in err  # one line per pair in logs
     for i in ("p0", "p1"):
         assert sorted(p.name for p in (out / i).iterdir()) == REGISTER_FILES  # exactly register's files
         assert float(rows[i]["dice_mean"]) > dice_before(data, i) + 0.05 and float(rows[i]["hd95_mm_mean"]) >= 0
@@ -267,3 +268,32 @@ def test_a_hundred_registrations_in_one_process_keep_peak_memory_flat(data, tmp_
     run_pairs(pairs, tmp_path / "out", Settings(load_config(config).resolve(), report=False), progress=Peak())
     assert len(peaks) == 100
     assert peaks[-1] - peaks[9] < 8.0, f"peak RSS grew from {peaks[9]:.1f} to {peaks[-1]:.1f} MiB"
+
+
+def test_template_and_glob_from_the_command_line(data, tmp_path):
+    from click.testing import CliRunner
+
+    from airlab import cli
+
+    (tmp_path / "in").mkdir()
+    for i in (0, 1):
+        (tmp_path / "in" / f"s{i}.nii.gz").write_bytes((data / f"m{i}.nii.gz").read_bytes())
+    done = CliRunner().invoke(cli.main, ["batch", "--fixed", str(data / "fixed.nii.gz"), "--moving",
+                                         str(tmp_path / "in" / "*.nii.gz"), "-o", str(tmp_path / "out"),
+                                         "--preset", "rigid", "--no-report"])
+    assert done.exit_code == 0, done.output
+    assert "2 of 2 pairs done, 0 failed" in done.output
+    assert set(results(tmp_path / "out")) == {"s0", "s1"}
+
+
+def test_batch_takes_every_register_option():
+    from click.testing import CliRunner
+
+    from airlab import cli
+
+    register = {p.name for p in cli.register.params} - {"fixed", "moving", "outdir", "overwrite"}
+    batch = {p.name for p in cli.batch.params}
+    assert register <= batch  # --overwrite has no place: a rerun resumes instead
+    text = CliRunner().invoke(cli.main, ["batch", "--help"]).output
+    for option in ("--batch-size", "--workers", "--retries", "--scheduler", "--cluster", "--fixed", "--moving"):
+        assert option in text
