@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 from ..errors import OutputExistsError
 from .manifest import Pair
@@ -133,10 +134,10 @@ def write_index(outroot: Path, rows: list[dict]) -> Path:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["pair", "report"] + _SHOWN)
     lines = []
     for row in rows:
-        pid = html.escape(str(row["id"]))
+        pid, url = html.escape(str(row["id"])), html.escape(quote(str(row["id"])))
         folder = outroot / str(row["id"])
-        link = f'{pid}/report.html'
-        thumb = (f'<a href="{link}"><img src="{pid}/report.png" alt="report of {pid}" loading="lazy"></a>'
+        link = f'{url}/report.html'
+        thumb = (f'<a href="{link}"><img src="{url}/report.png" alt="report of {pid}" loading="lazy"></a>'
                  if (folder / "report.png").exists() else "")
         name = f'<a href="{link}">{pid}</a>' if (folder / "report.html").exists() else pid
         cells = [f'<td data-v="{pid}">{name}</td>', f'<td data-v="">{thumb}</td>']
