@@ -252,7 +252,8 @@ def test_a_hundred_registrations_in_one_process_keep_peak_memory_flat(data, tmp_
     from airlab.workflows.manifest import Pair
 
     config = tmp_path / "quick.yaml"
-    config.write_text("stages:\n  - {name: rigid, transform: rigid, losses: [{name: ncc}], iterations: [20], lr: 0.5}\n")
+    config.write_text("stages:\n"
+                      "  - {name: rigid, transform: rigid, losses: [{name: ncc}], iterations: [20], lr: 0.5}\n")
     pairs = [Pair(f"r{n:03d}", data / "fixed.nii.gz", data / f"m{n % 6}.nii.gz", None, None,
                   data / "fixed_labels.nii.gz", data / f"m{n % 6}_labels.nii.gz") for n in range(100)]
     peaks = []

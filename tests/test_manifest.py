@@ -35,7 +35,8 @@ def test_reads_rows_with_optional_columns_relative_to_the_manifest(files, tmp_pa
     ("id,fixed\ns1,f.nii.gz\n", "row 1: missing column(s) moving"),
     ("id,fixed,moving,extra\ns1,f.nii.gz,a.nii.gz,x\n", "row 1: unknown column(s) extra"),
     ("id,fixed,moving\ns1,f.nii.gz,a.nii.gz\ns1,f.nii.gz,b.nii.gz\n", "row 3: duplicate id 's1'"),
-    ("id,fixed,moving\ns1,f.nii.gz,a.nii.gz\ns2,f.nii.gz,missing.nii.gz\n", "row 3: moving missing.nii.gz does not exist"),
+    ("id,fixed,moving\ns1,f.nii.gz,a.nii.gz\ns2,f.nii.gz,missing.nii.gz\n",
+     "row 3: moving missing.nii.gz does not exist"),
     ("id,fixed,moving\n,f.nii.gz,a.nii.gz\n", "row 2: the id is empty"),
     ("id,fixed,moving\n../up,f.nii.gz,a.nii.gz\n", "row 2: id '../up' is not a plain folder name"),
     ("id,fixed,moving\nresults.csv,f.nii.gz,a.nii.gz\n", "row 2: id 'results.csv' is not a plain folder name"),
@@ -67,3 +68,27 @@ def test_the_command_refuses_a_bad_manifest_with_exit_2_and_creates_nothing(file
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "row 3: duplicate id 's1'" in done.stderr
     assert not out.exists()
+
+
+def test_the_python_api_checks_its_pairs_before_creating_anything(files):
+    from airlab import batch
+
+    pairs = [batch.Pair("s1", files / "f.nii.gz", files / "a.nii.gz"),
+             batch.Pair("s1", files / "f.nii.gz", files / "b.nii.gz")]
+    with pytest.raises(ManifestError, match=r"pair 2 \('s1'\): duplicate id"):
+        batch.run(pairs, files / "out")
+    with pytest.raises(ManifestError, match="moving .*nope.nii.gz does not exist"):
+        batch.run([batch.Pair("s1", files / "f.nii.gz", files / "nope.nii.gz")], files / "out")
+    assert not (files / "out").exists()
+
+
+def test_an_outroot_with_a_results_table_airlab_did_not_write_is_refused(files):
+    from airlab import batch
+    from airlab.errors import OutputExistsError
+
+    (files / "out").mkdir()
+    (files / "out" / "results.csv").write_text("subject,score\n")
+    with pytest.raises(OutputExistsError, match="was not written by airlab batch"):
+        batch.run([batch.Pair("s1", files / "f.nii.gz", files / "a.nii.gz")], files / "out")
+    assert sorted(p.name for p in (files / "out").iterdir()) == ["results.csv"]
+    assert (files / "out" / "results.csv").read_text() == "subject,score\n"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..errors import AirlabError, ManifestError
 from ..pipelines import PipelineConfig
-from .manifest import Pair, glob_pairs, read_manifest
+from .manifest import Pair, check_pairs, glob_pairs, read_manifest
 from .pairwise import register_batch, register_files, write_files
 from .results import check_outroot, failed_row, measure, write_index, write_results
 
@@ -93,17 +93,27 @@ def register_one(pair: Pair, outroot, settings: Settings) -> dict:
     pair (a finished one is skipped before it gets here); nothing else in the folder is touched."""
     folder = Path(outroot) / pair.id
     record = {**(settings.record or {}), "batch_id": pair.id}
-    register_files(pair.fixed, pair.moving, folder, settings.pipeline, fixed_mask=pair.fixed_mask,
-                   moving_mask=pair.moving_mask, device=_device(settings.device), seed=settings.seed, progress=False,
-                   report=settings.report, overwrite=True, preset=settings.preset, metric=settings.metric,
-                   record=record)
+    try:
+        register_files(pair.fixed, pair.moving, folder, settings.pipeline, fixed_mask=pair.fixed_mask,
+                       moving_mask=pair.moving_mask, device=_device(settings.device), seed=settings.seed,
+                       progress=False, report=settings.report, overwrite=True, preset=settings.preset,
+                       metric=settings.metric, record=record)
+    finally:
+        _release_device()
     return measure(pair, folder)
+
+
+def _release_device() -> None:
+    """Give the GPU's cached memory back between pairs and batches: a long-lived worker would
+    otherwise hold the largest pair's worth, and other processes share the device."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _register_group(pairs: list[Pair], outroot: Path, settings: Settings) -> list[dict]:
     """Register same-grid pairs in one engine run and write each pair's folder."""
-    import torch
-
     start = time.perf_counter()
     device = _device(settings.device)
     try:
@@ -117,8 +127,7 @@ def _register_group(pairs: list[Pair], outroot: Path, settings: Settings) -> lis
             write_files(out, outroot / pair.id, report=settings.report, overwrite=True, started=start)
         del outputs
     finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # give the device's memory back between batches
+        _release_device()
     return [measure(p, outroot / p.id) for p in pairs]
 
 
@@ -258,6 +267,7 @@ def run_pairs(pairs: list[Pair], outroot, settings: Settings, *, retries: int = 
     """Register ``pairs`` into ``outroot`` (see the module's docstring); finished pairs are
     skipped. ``progress``: an object with ``start(total, finished)`` and ``pair_done(row)``."""
     outroot = Path(outroot)
+    check_pairs(pairs)
     if retries < 0 or batch_size < 1 or workers < 1:
         raise ManifestError("--retries must be >= 0, --batch-size and --workers >= 1")
     if batch_size > 1 and (client is not None or scheduler or cluster or workers > 1):
@@ -292,8 +302,6 @@ def run_pairs(pairs: list[Pair], outroot, settings: Settings, *, retries: int = 
         if progress is not None and hasattr(progress, "close"):
             progress.close()
     ordered = [rows[p.id] for p in pairs]
-    if not ordered:
-        raise ManifestError("no pairs to register")
     return Summary(ordered, outroot, write_results(outroot, ordered), write_index(outroot, ordered),
                    [r for r in ordered if r["status"] != "done"])
 

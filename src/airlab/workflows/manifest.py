@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ManifestError
 
-__all__ = ["Pair", "COLUMNS", "OPTIONAL", "read_manifest", "glob_pairs"]
+__all__ = ["Pair", "COLUMNS", "OPTIONAL", "read_manifest", "glob_pairs", "check_pairs"]
 
 COLUMNS = ("id", "fixed", "moving")
 OPTIONAL = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels")
@@ -136,3 +136,20 @@ def glob_pairs(fixed, moving_glob: str, *, fixed_mask=None, moving_mask=None) ->
                   Path(moving_mask).resolve() if moving_mask else None) for f, w in zip(files, wheres)]
     _check_unique(pairs, wheres)
     return pairs
+
+
+def check_pairs(pairs: list[Pair]) -> None:
+    """The checks of a manifest for pairs made in Python: at least one, ids plain and unique,
+    the files there."""
+    if not pairs:
+        raise ManifestError("no pairs to register")
+    wheres = [f"pair {n + 1} ({p.id!r})" for n, p in enumerate(pairs)]
+    for pair, where in zip(pairs, wheres):
+        if not isinstance(pair, Pair):
+            raise ManifestError(f"{where}: expected an airlab.batch.Pair, not {type(pair).__name__}")
+        _check_id(pair.id, where)
+        for name in ("fixed", "moving") + OPTIONAL:
+            value = getattr(pair, name)
+            if value is not None and not Path(value).exists():
+                raise ManifestError(f"{where}: {name} {value} does not exist")
+    _check_unique(pairs, wheres)
