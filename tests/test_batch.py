@@ -292,9 +292,24 @@ def test_batch_takes_every_register_option():
 
     from airlab import cli
 
-    register = {p.name for p in cli.register.params} - {"fixed", "moving", "outdir", "overwrite"}
+    register = {p.name for p in cli.register.params} - {"fixed", "moving", "outdir"}
     batch = {p.name for p in cli.batch.params}
-    assert register <= batch  # --overwrite has no place: a rerun resumes instead
+    assert register <= batch
     text = CliRunner().invoke(cli.main, ["batch", "--help"]).output
     for option in ("--batch-size", "--workers", "--retries", "--scheduler", "--cluster", "--fixed", "--moving"):
         assert option in text
+
+
+def test_a_users_file_in_a_pair_folder_stops_that_pair_and_is_kept(data, tmp_path):
+    from airlab import batch
+
+    (tmp_path / "out" / "p0").mkdir(parents=True)
+    (tmp_path / "out" / "p0" / "warped.nii.gz").write_bytes(b"mine")
+    summary = batch.run(manifest(data, [0, 1], "kept.csv"), tmp_path / "out", preset="rigid", report=False)
+    rows = {r["id"]: r for r in summary.rows}
+    assert rows["p1"]["status"] == "done" and rows["p0"]["status"] == "failed"
+    assert "warped.nii.gz" in rows["p0"]["error"] and "--overwrite" in rows["p0"]["error"]
+    assert sorted(p.name for p in (tmp_path / "out" / "p0").iterdir()) == ["warped.nii.gz"]
+    assert (tmp_path / "out" / "p0" / "warped.nii.gz").read_bytes() == b"mine"
+    again = batch.run(data / "kept.csv", tmp_path / "out", preset="rigid", report=False, overwrite=True)
+    assert again.done == 2 and (tmp_path / "out" / "p0" / "metrics.json").exists()

@@ -126,6 +126,8 @@ def _pipeline(ctx, config_path, preset, metric, seed, device):
               help="YAML pipeline (or an earlier metrics.json), as for 'airlab register'.")
 @click.option("--quiet", is_flag=True, help="No progress and no summary (errors still go to stderr).")
 @click.option("--no-report", is_flag=True, help="Skip report.png and report.html (index.html then has no thumbnails).")
+@click.option("--overwrite", is_flag=True, help="Replace airlab outputs in the folder of a pair that did not finish "
+              "(finished pairs are skipped; nothing else is touched).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Register up to N pairs whose images share grids at once, through the engine's batch "
               "dimension (one local device; a batch that runs out of memory is split).")
@@ -137,7 +139,7 @@ def _pipeline(ctx, config_path, preset, metric, seed, device):
 @click.option("--cluster", help="local:N starts a Dask LocalCluster of N worker processes for this run.")
 @click.pass_context
 def batch(ctx, manifest, outroot, fixed, moving_glob, preset, metric, fixed_mask, moving_mask, device, seed,
-          config_path, quiet, no_report, batch_size, workers, retries, scheduler, cluster):
+          config_path, quiet, no_report, overwrite, batch_size, workers, retries, scheduler, cluster):
     """Register many pairs: each pair's 'airlab register' outputs go to OUTROOT/ID/; one row per
     pair (status, error, times, device, final objective; Dice, HD95, SDlogJ, folding) goes to
     OUTROOT/results.csv and an overview of the QC reports to OUTROOT/index.html.
@@ -163,7 +165,7 @@ def batch(ctx, manifest, outroot, fixed, moving_glob, preset, metric, fixed_mask
     pipeline, preset, metric, seed, device, record = _pipeline(ctx, config_path, preset, metric, seed, device)
     if device == "cuda":
         _device(device)  # refused here, before any pair, when there is no CUDA device
-    settings = Settings(pipeline, preset, metric, seed, device, not no_report, record)
+    settings = Settings(pipeline, preset, metric, seed, device, not no_report, record, overwrite)
     summary = run_pairs(pairs, outroot, settings, retries=retries, batch_size=batch_size, workers=workers,
                         scheduler=scheduler, cluster=cluster, progress=None if quiet else batch_progress())
     if not quiet:

@@ -44,6 +44,7 @@ class Settings:
     device: str = "auto"
     report: bool = True
     record: dict | None = None
+    overwrite: bool = False  # replace airlab-named files in an unfinished pair's folder
 
 
 @dataclass
@@ -89,15 +90,16 @@ def _finished(folder: Path) -> bool:
 def register_one(pair: Pair, outroot, settings: Settings) -> dict:
     """Register one pair into ``OUTROOT/ID/`` and return its row; what a Dask task runs.
 
-    ``overwrite=True`` only ever meets the airlab-named files of an interrupted attempt at this
-    pair (a finished one is skipped before it gets here); nothing else in the folder is touched."""
+    A finished pair never gets here. Files named like airlab's outputs in the folder of an
+    unfinished one (a run killed while it moved them into place, or the user's own) stop the
+    pair unless ``settings.overwrite``; nothing else in the folder is ever touched."""
     folder = Path(outroot) / pair.id
     record = {**(settings.record or {}), "batch_id": pair.id}
     try:
         register_files(pair.fixed, pair.moving, folder, settings.pipeline, fixed_mask=pair.fixed_mask,
                        moving_mask=pair.moving_mask, device=_device(settings.device), seed=settings.seed,
-                       progress=False, report=settings.report, overwrite=True, preset=settings.preset,
-                       metric=settings.metric, record=record)
+                       progress=False, report=settings.report, overwrite=settings.overwrite,
+                       preset=settings.preset, metric=settings.metric, record=record)
     finally:
         _release_device()
     return measure(pair, folder)
@@ -124,7 +126,8 @@ def _register_group(pairs: list[Pair], outroot: Path, settings: Settings) -> lis
             out.metrics.update({**(settings.record or {}), "batch_id": pair.id, "fixed": str(pair.fixed),
                                 "moving": str(pair.moving), "fixed_mask": _str(pair.fixed_mask),
                                 "moving_mask": _str(pair.moving_mask)})
-            write_files(out, outroot / pair.id, report=settings.report, overwrite=True, started=start)
+            write_files(out, outroot / pair.id, report=settings.report, overwrite=settings.overwrite,
+                        started=start)
         del outputs
     finally:
         _release_device()
@@ -308,8 +311,8 @@ def run_pairs(pairs: list[Pair], outroot, settings: Settings, *, retries: int = 
 
 def run(manifest, outroot, *, fixed=None, preset: str | None = "diffeomorphic", metric: str | None = None, config=None,
         fixed_mask=None, moving_mask=None, device: str = "auto", seed: int | None = 0, report: bool = True,
-        retries: int = 0, batch_size: int = 1, workers: int = 1, client=None, scheduler: str | None = None,
-        cluster: str | None = None, progress=None) -> Summary:
+        overwrite: bool = False, retries: int = 0, batch_size: int = 1, workers: int = 1, client=None,
+        scheduler: str | None = None, cluster: str | None = None, progress=None) -> Summary:
     """Register every pair of ``manifest`` into ``outroot``; the Python face of ``airlab batch``.
 
     ``manifest``: a CSV path (``id,fixed,moving[,fixed_mask,moving_mask,fixed_labels,moving_labels]``),
@@ -331,6 +334,6 @@ def run(manifest, outroot, *, fixed=None, preset: str | None = "diffeomorphic", 
     else:
         pipeline = (config if isinstance(config, PipelineConfig) else load_config(config)).resolve(metric=metric)
         preset = None
-    settings = Settings(pipeline, preset, metric, seed, device, report)
+    settings = Settings(pipeline, preset, metric, seed, device, report, overwrite=overwrite)
     return run_pairs(pairs, outroot, settings, retries=retries, batch_size=batch_size, workers=workers, client=client,
                      scheduler=scheduler, cluster=cluster, progress=progress)
