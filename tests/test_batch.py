@@ -221,6 +221,9 @@ def test_device_batches_match_pairs_run_alone_and_a_bad_pair_drops_out_of_its_ba
         assert sorted(p.name for p in (tmp_path / "together" / i).iterdir()) == REGISTER_FILES
         metrics = json.loads((tmp_path / "together" / i / "metrics.json").read_text())
         assert metrics["batch"]["size"] == 2 and metrics["moving"].endswith(f"m{i[1:]}.nii.gz")
+        single = json.loads((tmp_path / "alone" / i / "metrics.json").read_text())
+        assert metrics["inverse_consistency_mm"]["mean"] == pytest.approx(single["inverse_consistency_mm"]["mean"],
+                                                                          rel=0.05, abs=1e-4)
 
 
 def test_a_batch_that_runs_out_of_memory_is_split(data, tmp_path, monkeypatch):

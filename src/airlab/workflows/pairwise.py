@@ -253,8 +253,6 @@ def register_batch(fixed: list, moving: list, pipeline: PipelineConfig, *, fixed
     grid, all moving ones on one grid) in one run of the engine, through its batch dimension;
     return one :class:`Outputs` per pair, as :func:`register_pair` would (the wall time is the
     batch's, and metrics.json says so under ``"batch"``)."""
-    from ..registration import term_names
-
     n = len(moving)
     read = {}  # a path given for several pairs (the template) is read once and broadcast
 
@@ -273,8 +271,8 @@ def register_batch(fixed: list, moving: list, pipeline: PipelineConfig, *, fixed
                 g is not None and not g.grid.same_as(group[0].grid) for g in group):
             raise InputError(f"a batch needs its {what} on one grid")
     stages = pipeline.resolve().build(fs[0].grid)
+    # in the order of the engine's term names: losses, then regularisers
     weights = [[w for w, _ in s.losses] + [w for w, _ in s.regularisers] for s in stages]
-    assert all(len(w) == len(term_names(s)) for w, s in zip(weights, stages))
     observer = _PerPairObjective(weights)
     together = register_pair(_stack(fs), _stack(ms), pipeline, fixed_mask=_stack(fms), moving_mask=_stack(mms),
                              device=device, seed=seed, progress=observer, preset=preset, metric=metric)
@@ -297,10 +295,11 @@ def _pair_of(together: Outputs, i: int, n: int, fixed: Image, moving: Image, fix
         s["final_objective"] = h["objective"][-1] if h["objective"] else None
         s["final_terms"] = h["final_terms"]
     metrics["batch"] = {"size": n, "index": i}
+    inverse = None
     if together.inverse is not None:
-        inverse = DisplacementField(together.inverse.grid, 1, together.inverse.field.detach()[i:i + 1])
-    else:
-        inverse = None
+        # again for this pair alone: the batch's consistency statistics pool every pair
+        inverse, metrics["inverse_consistency_mm"] = inverse_on_moving_grid(single, moving.grid)
+        inverse = inverse.to("cpu")
     displacement = DisplacementField(together.displacement.grid, 1, together.displacement.field.detach()[i:i + 1])
     warped = Image(together.warped.data[min(i, together.warped.data.shape[0] - 1)][None], together.warped.grid)
     return Outputs(single, warped, displacement, metrics, fixed, moving, inverse, fixed_mask)
