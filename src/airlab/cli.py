@@ -163,8 +163,8 @@ def batch(ctx, manifest, outroot, fixed, moving_glob, preset, metric, fixed_mask
     else:
         pairs = glob_pairs(fixed, moving_glob, fixed_mask=fixed_mask, moving_mask=moving_mask)
     pipeline, preset, metric, seed, device, record = _pipeline(ctx, config_path, preset, metric, seed, device)
-    if device == "cuda":
-        _device(device)  # refused here, before any pair, when there is no CUDA device
+    if device == "cuda" and not scheduler:
+        _device(device)  # refused before any pair when this machine, which runs them, has no CUDA device
     settings = Settings(pipeline, preset, metric, seed, device, not no_report, record, overwrite)
     summary = run_pairs(pairs, outroot, settings, retries=retries, batch_size=batch_size, workers=workers,
                         scheduler=scheduler, cluster=cluster, progress=None if quiet else batch_progress())
