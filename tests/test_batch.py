@@ -47,13 +47,14 @@ def data(tmp_path_factory):
     image = sitk.GetImageFromArray(broken)
     image.CopyInformation(fixed.to_sitk())
     sitk.WriteImage(image, str(root / "nan.mha"))  # NIfTI would not keep the NaNs
+    (root / "corrupt.nii.gz").write_bytes(b"not an image")
     return root
 
 
 def manifest(data, ids, name="manifest.csv", broken=()):
     rows = ["id,fixed,moving,fixed_labels,moving_labels"]
     rows += [f"p{i},fixed.nii.gz,m{i}.nii.gz,fixed_labels.nii.gz,m{i}_labels.nii.gz" for i in ids]
-    rows += [f"{b},fixed.nii.gz,nan.mha,," for b in broken]
+    rows += [f"{b},fixed.nii.gz,{'corrupt.nii.gz' if b == 'corrupt' else 'nan.mha'},," for b in broken]
     (data / name).write_text("\n".join(rows) + "\n")
     return data / name
 
@@ -85,13 +86,14 @@ def test_a_broken_pair_fails_alone_and_a_rerun_registers_nothing_twice(data, tmp
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("the user's")  # never touched
-    code, stdout, err = airlab(manifest(data, [0, 1], broken=["bad"]), "-o", out, "--preset", "affine",
+    code, stdout, err = airlab(manifest(data, [0, 1], broken=["bad", "corrupt"]), "-o", out, "--preset", "affine",
                                "--retries", "0")
     assert code == 1, err
     rows = results(out)
-    assert [rows[i]["status"] for i in ("p0", "p1", "bad")] == ["done", "done", "failed"]
+    assert [rows[i]["status"] for i in ("p0", "p1", "bad", "corrupt")] == ["done", "done", "failed", "failed"]
     assert "NaN" in rows["bad"]["error"] and "bad failed" in err and "\n" not in rows["bad"]["error"]
-    assert "[1/3] p0 done in" in err and "[3/3] bad failed: " in err  # one line per pair in logs
+    assert "corrupt.nii.gz" in rows["corrupt"]["error"] and "Traceback" not in err
+    assert "[1/4] p0 done in" in err and "[3/4] bad failed: " in err  # one line per pair in logs
     for i in ("p0", "p1"):
         assert sorted(p.name for p in (out / i).iterdir()) == REGISTER_FILES  # exactly register's files
         assert float(rows[i]["dice_mean"]) > dice_before(data, i) + 0.05 and float(rows[i]["hd95_mm_mean"]) >= 0
@@ -102,7 +104,7 @@ def test_a_broken_pair_fails_alone_and_a_rerun_registers_nothing_twice(data, tmp
     assert 'href="p0/report.html"' in page and 'src="p1/report.png"' in page and "<script>" in page
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "notes.txt", "p0", "p1", "results.csv"]
     before = stamps(out, ["p0", "p1"])
-    code, _, err = airlab(manifest(data, [0, 1, 2], broken=["bad"]), "-o", out, "--preset", "affine",
+    code, _, err = airlab(manifest(data, [0, 1, 2], broken=["bad", "corrupt"]), "-o", out, "--preset", "affine",
                           "--retries", "0")
     assert code == 1
     rows = results(out)
