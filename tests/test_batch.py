@@ -318,3 +318,11 @@ def test_a_users_file_in_a_pair_folder_stops_that_pair_and_is_kept(data, tmp_pat
     assert (tmp_path / "out" / "p0" / "warped.nii.gz").read_bytes() == b"mine"
     again = batch.run(data / "kept.csv", tmp_path / "out", preset="rigid", report=False, overwrite=True)
     assert again.done == 2 and (tmp_path / "out" / "p0" / "metrics.json").exists()
+
+
+def test_workers_run_the_pairs_in_local_processes(data, tmp_path):
+    from airlab import batch
+
+    summary = batch.run(manifest(data, [0, 1], "workers.csv"), tmp_path / "out", preset="rigid", report=False,
+                        workers=2)
+    assert summary.done == 2 and not summary.failed
