@@ -158,7 +158,7 @@ def test_on_a_local_dask_cluster_a_broken_pair_fails_alone(data, tmp_path):
 def cluster():
     from dask.distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local:
         with Client(local) as client:
             yield local, client
 

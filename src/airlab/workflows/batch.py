@@ -239,7 +239,7 @@ def _client(client, scheduler, cluster, workers):
     # one task per worker process at a time; torch inside each uses its share of the cores
     threads = str(max(1, (os.cpu_count() or 1) // workers))
     # silence_logs: a failed pair is one line in results.csv, not a worker's traceback on stderr
-    local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    local = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                          silence_logs=logging.CRITICAL, env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
     client = Client(local)
     return client, [client, local]
