@@ -120,6 +120,79 @@ def _pipeline(ctx, config_path, preset, metric, seed, device):
 
 
 @main.command()
+@click.argument("manifest", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "outroot", type=click.Path(path_type=Path), required=True,
+              help="Folder for the results: OUTROOT/ID/ per pair, OUTROOT/results.csv, OUTROOT/index.html.")
+@click.option("--fixed", "fixed", type=click.Path(exists=True, path_type=Path),
+              help="Instead of MANIFEST: one fixed image (a template) for every image that --moving matches.")
+@click.option("--moving", "moving_glob", help="Instead of MANIFEST: a glob of moving images (quote it; ** recurses); "
+              "each pair's id is the file name without its extension.")
+@click.option("--preset", type=click.Choice(PRESETS), default="diffeomorphic", show_default=True,
+              help="Pipeline, as for 'airlab register'.")
+@click.option("--metric", type=click.Choice(METRICS), default=None, help="Similarity of the deformable stage.")
+@click.option("--fixed-mask", type=click.Path(exists=True, path_type=Path),
+              help="For pairs whose manifest row names no fixed_mask.")
+@click.option("--moving-mask", type=click.Path(exists=True, path_type=Path),
+              help="For pairs whose manifest row names no moving_mask.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="On Dask, 'auto' is decided by each worker.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the engine's random source.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML pipeline (or an earlier metrics.json), as for 'airlab register'.")
+@click.option("--quiet", is_flag=True, help="No progress and no summary (errors still go to stderr).")
+@click.option("--no-report", is_flag=True, help="Skip report.png and report.html (index.html then has no thumbnails).")
+@click.option("--overwrite", is_flag=True, help="Replace airlab outputs in the folder of a pair that did not finish "
+              "(finished pairs are skipped; nothing else is touched).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Register up to N pairs whose images share grids at once, through the engine's batch "
+              "dimension (one local device; a batch that runs out of memory is split).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run K local worker processes (a Dask LocalCluster), each with its share of the cores.")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Try a failed pair this many more times before recording it as failed.")
+@click.option("--scheduler", help="Address of a running dask.distributed scheduler (tcp://host:8786).")
+@click.option("--cluster", help="local:N starts a Dask LocalCluster of N worker processes for this run.")
+@click.pass_context
+def batch(ctx, manifest, outroot, fixed, moving_glob, preset, metric, fixed_mask, moving_mask, device, seed,
+          config_path, quiet, no_report, overwrite, batch_size, workers, retries, scheduler, cluster):
+    """Register many pairs: each pair's 'airlab register' outputs go to OUTROOT/ID/; one row per
+    pair (status, error, times, device, final objective; Dice, HD95, SDlogJ, folding) goes to
+    OUTROOT/results.csv and an overview of the QC reports to OUTROOT/index.html.
+
+    MANIFEST is a CSV with columns id,fixed,moving and optionally fixed_mask, moving_mask,
+    fixed_labels, moving_labels (relative paths are relative to the manifest's folder); or give
+    --fixed F --moving 'GLOB'. A rerun of the same command skips finished pairs. Exit code 1 if
+    any pair failed (see results.csv), 2 for a bad manifest (nothing is started)."""
+    from .progress import batch_progress
+    from .workflows.batch import Settings, run_pairs
+    from .workflows.manifest import glob_pairs, read_manifest
+
+    if (manifest is None) == (fixed is None and moving_glob is None):
+        raise click.UsageError("give either MANIFEST or --fixed F --moving 'GLOB'")
+    if manifest is None and (fixed is None or moving_glob is None):
+        raise click.UsageError("--fixed and --moving go together")
+    if scheduler and cluster:
+        raise click.UsageError("--scheduler and --cluster exclude each other")
+    if manifest is not None:
+        pairs = read_manifest(manifest, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    else:
+        pairs = glob_pairs(fixed, moving_glob, fixed_mask=fixed_mask, moving_mask=moving_mask)
+    pipeline, preset, metric, seed, device, record = _pipeline(ctx, config_path, preset, metric, seed, device)
+    if device == "cuda" and not scheduler:
+        _device(device)  # refused before any pair when this machine, which runs them, has no CUDA device
+    settings = Settings(pipeline, preset, metric, seed, device, not no_report, record, overwrite)
+    summary = run_pairs(pairs, outroot, settings, retries=retries, batch_size=batch_size, workers=workers,
+                        scheduler=scheduler, cluster=cluster, progress=None if quiet else batch_progress())
+    if not quiet:
+        click.echo(f"airlab batch: {summary.done} of {len(summary.rows)} pairs done, {len(summary.failed)} failed; "
+                   f"{summary.results}, overview {summary.index}")
+    for row in summary.failed:
+        click.echo(f"airlab batch: {row['id']} failed: {row['error']}", err=True)
+    if summary.failed:
+        ctx.exit(EXIT_FAILURE)
+
+
+@main.command()
 @click.argument("image", type=click.Path(exists=True, path_type=Path))
 @click.option("-t", "--transform", "transform_path", type=click.Path(exists=True, path_type=Path), required=True,
               help="An OUTDIR of 'airlab register' (its displacement.nii.gz), a displacement field, or an ITK "

@@ -4,14 +4,14 @@ runner, a Dask worker) can tell an expected failure with a one-line message from
 Each class also derives from the builtin that it specialises (``ValueError`` for bad input,
 ``RuntimeError`` for I/O), so code written against the builtins keeps working.
 ``exit_code`` is what the command line exits with: 2 for a wrong invocation (a config that does
-not validate, outputs that would be overwritten), 1 for inputs that cannot be registered and for
-failures during the work.
+not validate, outputs that would be overwritten, a batch manifest with a bad row), 1 for inputs
+that cannot be registered and for failures during the work.
 """
 
 from __future__ import annotations
 
 __all__ = ["AirlabError", "InputError", "RegistrationError", "ConfigError", "ImageIOError", "TransformIOError",
-           "OutputExistsError"]
+           "OutputExistsError", "ManifestError"]
 
 
 class AirlabError(Exception):
@@ -44,5 +44,12 @@ class TransformIOError(AirlabError, RuntimeError):
 
 class OutputExistsError(AirlabError, FileExistsError):
     """The output folder already holds files that this command would replace."""
+
+    exit_code = 2
+
+
+class ManifestError(AirlabError, ValueError):
+    """A batch manifest cannot be used (a missing column, a duplicate id, a path that does not
+    exist); the message names the row. Found before any pair starts."""
 
     exit_code = 2

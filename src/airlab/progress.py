@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["ProgressBar", "LogLines", "default_progress"]
+__all__ = ["ProgressBar", "LogLines", "default_progress", "BatchBar", "BatchLines", "batch_progress"]
 
 
 class ProgressBar:
@@ -48,3 +48,41 @@ class LogLines:
 def default_progress():
     """A bar on a terminal, a line per level otherwise."""
     return ProgressBar() if sys.stderr.isatty() else LogLines()
+
+
+class BatchBar:
+    """Pairs of a batch on a terminal: one bar with pairs done and failed, and the ETA."""
+
+    def start(self, total: int, finished: int) -> None:
+        from tqdm.auto import tqdm
+
+        self._failed = 0
+        self._bar = tqdm(total=total, initial=finished, desc="pairs", unit="pair", dynamic_ncols=True)
+        self._bar.set_postfix(failed=0, refresh=False)
+
+    def pair_done(self, row: dict) -> None:
+        self._failed += row["status"] != "done"
+        self._bar.set_postfix(failed=self._failed, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class BatchLines:
+    """Pairs of a batch in logs: one line per pair."""
+
+    def start(self, total: int, finished: int) -> None:
+        self._total, self._count = total, finished
+        if finished:
+            print(f"airlab batch: {finished} of {total} pairs finished earlier; skipped", file=sys.stderr, flush=True)
+
+    def pair_done(self, row: dict) -> None:
+        self._count += 1
+        what = f"failed: {row['error']}" if row["status"] != "done" else f"done in {row.get('wall_time_s') or '?'} s"
+        print(f"airlab batch: [{self._count}/{self._total}] {row['id']} {what}", file=sys.stderr, flush=True)
+
+
+def batch_progress():
+    """A bar on a terminal, a line per pair otherwise."""
+    return BatchBar() if sys.stderr.isatty() else BatchLines()

@@ -28,7 +28,8 @@ from ..transforms import (DisplacementField, LinearTransform, StationaryVelocity
                           write_transform)
 from .staging import staged_output
 
-__all__ = ["OUTPUTS", "Outputs", "as_image", "as_points", "register_pair", "write_outputs", "register_files"]
+__all__ = ["OUTPUTS", "Outputs", "as_image", "as_points", "register_pair", "write_outputs", "register_files",
+           "register_batch", "write_files"]
 
 OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "affine.txt", "metrics.json",
            "report.png", "report.html"]
@@ -235,3 +236,117 @@ def _name(value) -> str | None:
     if value is None:
         return None
     return str(value) if isinstance(value, (str, os.PathLike)) else f"<{type(value).__name__}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Same-grid pairs through the engine's batch dimension (the batch runner's device batches)
+
+def write_files(outputs: Outputs, outdir, *, report: bool = True, overwrite: bool = False,
+                started: float | None = None) -> None:
+    """Write ``outputs`` (one pair) into ``outdir``, staged like :func:`register_files`."""
+    with staged_output(Path(outdir), list(OUTPUTS), overwrite) as stage:
+        write_outputs(outputs, stage, report=report, started=started)
+
+
+def _stack(images: list[Image | None]) -> Image | None:
+    if images[0] is None:
+        return None
+    if all(i is images[0] for i in images):
+        return images[0]  # one image for every pair: broadcast, not copied
+    return Image(torch.cat([i.data for i in images]), images[0].grid)
+
+
+def _one(transform, i: int):
+    """Pair ``i`` of a batched transform: every parameter and buffer carries the batch first."""
+    import copy
+
+    n = transform.batch_size
+    single = copy.deepcopy(transform)
+    with torch.no_grad():
+        for module in single.modules():
+            for name, value in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if value is not None and value.dim() and value.shape[0] == n:
+                    piece = value[i:i + 1].clone()
+                    if isinstance(value, torch.nn.Parameter):
+                        piece = torch.nn.Parameter(piece, requires_grad=False)
+                    setattr(module, name, piece)
+            if hasattr(module, "batch_size"):
+                module.batch_size = 1
+    return single
+
+
+class _PerPairObjective:
+    """Observer: each pair's objective per iteration (the engine reports the batch's sum; the
+    terms come per pair, and the objective is their weighted sum)."""
+
+    def __init__(self, weights: list[list[float]]):
+        self.weights = weights
+        self.values: list[list[list[float]]] = []  # [level run][iteration][pair]
+
+    def level_start(self, info: dict) -> None:
+        self.values.append([])
+
+    def iteration(self, info: dict) -> None:
+        w = self.weights[info["stage"]]
+        per_term = [torch.as_tensor(v, dtype=torch.float64) for v in info["terms"].values()]
+        total = sum(wk * v for wk, v in zip(w, per_term))
+        self.values[-1].append(torch.atleast_1d(total).tolist())
+
+
+def register_batch(fixed: list, moving: list, pipeline: PipelineConfig, *, fixed_masks=None, moving_masks=None,
+                   device="cpu", seed: int | None = 0, preset: str | None = None,
+                   metric: str | None = None) -> list[Outputs]:
+    """Register the pairs ``(fixed[i], moving[i])`` (paths or images; all fixed images on one
+    grid, all moving ones on one grid) in one run of the engine, through its batch dimension;
+    return one :class:`Outputs` per pair, as :func:`register_pair` would (the wall time is the
+    batch's, and metrics.json says so under ``"batch"``)."""
+    n = len(moving)
+    read = {}  # a path given for several pairs (the template) is read once and broadcast
+
+    def image(value, what):
+        key = str(value) if isinstance(value, (str, os.PathLike)) else id(value)
+        if key not in read:
+            read[key] = as_image(value, what)
+        return read[key]
+
+    fs = [image(v, "fixed image") for v in fixed]
+    ms = [image(v, "moving image") for v in moving]
+    fms = [image(v, "fixed mask") if v is not None else None for v in (fixed_masks or [None] * n)]
+    mms = [image(v, "moving mask") if v is not None else None for v in (moving_masks or [None] * n)]
+    for group, what in ((fs, "fixed images"), (ms, "moving images"), (fms, "fixed masks"), (mms, "moving masks")):
+        if (any(g is None for g in group) and any(g is not None for g in group)) or any(
+                g is not None and not g.grid.same_as(group[0].grid) for g in group):
+            raise InputError(f"a batch needs its {what} on one grid")
+    stages = pipeline.resolve().build(fs[0].grid)
+    # in the order of the engine's term names: losses, then regularisers
+    weights = [[w for w, _ in s.losses] + [w for w, _ in s.regularisers] for s in stages]
+    observer = _PerPairObjective(weights)
+    together = register_pair(_stack(fs), _stack(ms), pipeline, fixed_mask=_stack(fms), moving_mask=_stack(mms),
+                             device=device, seed=seed, progress=observer, preset=preset, metric=metric)
+    return [_pair_of(together, i, n, fs[i], ms[i], fms[i], observer.values) for i in range(n)]
+
+
+def _pair_of(together: Outputs, i: int, n: int, fixed: Image, moving: Image, fixed_mask, per_pair) -> Outputs:
+    result = together.result
+    history = []
+    for h, values in zip(result.history, per_pair):
+        mine = [v[min(i, len(v) - 1)] for v in values]
+        terms = {k: [v[min(i, len(v) - 1)]] for k, v in h.get("final_terms", {}).items()}
+        history.append({**h, "objective": mine, "final_terms": terms})
+    from ..registration import Result
+
+    single = Result(_one(result.transform, i), [_one(t, i) for t in result.stages], history, result.wall_time,
+                    result.fixed_grid)
+    metrics = json.loads(json.dumps(together.metrics))  # a deep copy
+    for s, h in zip(metrics["stages"], history):
+        s["final_objective"] = h["objective"][-1] if h["objective"] else None
+        s["final_terms"] = h["final_terms"]
+    metrics["batch"] = {"size": n, "index": i}
+    inverse = None
+    if together.inverse is not None:
+        # again for this pair alone: the batch's consistency statistics pool every pair
+        inverse, metrics["inverse_consistency_mm"] = inverse_on_moving_grid(single, moving.grid)
+        inverse = inverse.to("cpu")
+    displacement = DisplacementField(together.displacement.grid, 1, together.displacement.field.detach()[i:i + 1])
+    warped = Image(together.warped.data[min(i, together.warped.data.shape[0] - 1)][None], together.warped.grid)
+    return Outputs(single, warped, displacement, metrics, fixed, moving, inverse, fixed_mask)

@@ -28,7 +28,8 @@ def staged_output(outdir: Path, names: list[str], overwrite: bool):
     try:
         yield stage
         outdir.mkdir(parents=True, exist_ok=True)
-        for name in names:
+        # metrics.json moves last: a folder that holds it is complete (a batch rerun skips it)
+        for name in sorted(names, key=lambda n: n == "metrics.json"):
             if (stage / name).exists():
                 shutil.move(str(stage / name), str(outdir / name))
     finally:
