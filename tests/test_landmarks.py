@@ -187,7 +187,7 @@ def test_cli_register_with_landmark_files(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["tre_mm"]["mean"] < 1.0 < metrics["tre_before_mm"]["mean"]
     assert metrics["landmarks"]["count"] == 4 and metrics["landmarks"]["fixed_points"].endswith("f.fcsv")
-    assert f"tre (mm): mean</td><td>{metrics['tre_mm']['mean']:.6g}" in (tmp_path / "out" / "report.html").read_text()
+    assert f"tre (mm): mean</td><td>{metrics['tre_mm']['mean']:.6g}" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     # the TRE of airlab evaluate agrees, from the written field
     ev = subprocess.run([sys.executable, "-m", "airlab", "evaluate", "-t", str(tmp_path / "out"), "--fixed-points",
                          str(tmp_path / "f.fcsv"), "--moving-points", str(tmp_path / "m.pts"), "--json",

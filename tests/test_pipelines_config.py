@@ -119,7 +119,7 @@ def test_metric_with_written_stages_is_refused(tmp_path, moving):
 def test_the_readme_pipeline_is_valid(tmp_path):
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "readme.yaml").write_text(block)
     stages = load_config(tmp_path / "readme.yaml").build(al.read_image(FIXED).grid)

@@ -175,7 +175,7 @@ def read_points(path, *, ndim: int | None = None, grid=None) -> np.ndarray:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read landmarks {path}: {getattr(exc, 'strerror', None) or exc}") from None
     fmt = _format(path)
@@ -232,7 +232,7 @@ def write_points(path, points, *, labels=None) -> Path:
         header = "label," + ",".join("xyz"[: points.shape[1]])
         text = header + "\n" + "".join(f"{lab}," + ",".join(repr(float(v)) for v in p) + "\n"
                                        for p, lab in zip(points, labels))
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
