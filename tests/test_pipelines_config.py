@@ -124,3 +124,18 @@ def test_the_readme_pipeline_is_valid(tmp_path):
     (tmp_path / "readme.yaml").write_text(block)
     stages = load_config(tmp_path / "readme.yaml").build(al.read_image(FIXED).grid)
     assert [s.name for s in stages] == ["rigid", "deformable"] and len(stages[1].levels) == 3
+
+
+def test_options_that_do_not_apply_are_refused(tmp_path):
+    """Keys of the dense velocity and its optimiser that would be silently ignored elsewhere stop
+    the command with the key named."""
+    base = "stages:\n  - transform: {t}\n    losses: [{{name: mse}}]\n    optimizer: {o}\n    {extra}\n"
+    for t, o, extra, message in (("bspline", "adam", "exact_gradient: false", "dense-velocity"),
+                                 ("dense-velocity", "lbfgs", "gradient_sigma: 1.0", "adam or field-adam")):
+        path = tmp_path / "c.yaml"
+        path.write_text(base.format(t=t, o=o, extra=extra))
+        with pytest.raises(ConfigError, match=message):
+            load_config(path)
+    path.write_text(base.format(t="dense-velocity", o="field-adam", extra="gradient_sigma: 1.0"))
+    stage = load_config(path).stages[0].build(0, al.Grid([20, 20], [1.0, 1.0]))
+    assert stage.gradient_sigma == 1.0 and stage.transform.name == "dense-velocity"

@@ -8,7 +8,7 @@ A config either picks a preset and adjusts it, or writes the stages out::
     seed: 0
     stages:                      # optional: replaces the preset's stages
       - name: rigid
-        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity, wendland
+        transform: rigid         # translation, rigid, similarity, affine, bspline, velocity, dense-velocity, wendland
         losses: [{name: ncc}]
         levels: [{shrink: 4, sigma: 4, iterations: 100}]
         lr: 0.5
@@ -145,6 +145,8 @@ class StageConfig(_Strict):
     def _one_pyramid(self):
         if self.levels is not None and (self.iterations is not None or self.strides is not None):
             raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
+        if self.gradient_sigma > 0 and self.optimizer == "lbfgs":
+            raise ValueError("'gradient_sigma' needs optimizer adam or field-adam (L-BFGS takes its own steps)")
         if not self.exact_gradient and self.transform != "dense-velocity":
             raise ValueError("'exact_gradient: false' applies to transform: dense-velocity")
         wendland_only = [k for k in ("support", "order", "diffeomorphic") if getattr(self, k) is not None]
