@@ -45,14 +45,18 @@ class StationaryVelocityField(Transform):
     """
 
     def __init__(self, grid: Grid, batch_size: int = 1, velocity=None, steps: int = 7, dtype=None):
-        super().__init__(grid.ndim, batch_size)
+        self._exponentiate_on(grid, batch_size, steps)
+        self.velocity = field_parameter(velocity, grid, batch_size, dtype, "velocity")
+
+    def _exponentiate_on(self, grid: Grid, batch_size: int, steps: int) -> None:
+        """The state every stationary velocity field has, whatever holds its velocity."""
+        Transform.__init__(self, grid.ndim, batch_size)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         self.grid = grid
         self.steps = steps
         self.sign = 1.0
         self._field_cache = None  # a dict inside cached(): see there
-        self.velocity = field_parameter(velocity, grid, batch_size, dtype, "velocity")
 
     def velocity_field(self) -> torch.Tensor:
         """The velocity ``[N, D, *grid.shape]`` (mm) that is exponentiated."""
@@ -132,13 +136,7 @@ class BSplineVelocityField(StationaryVelocityField):
     def __init__(self, grid: Grid, control_spacing, batch_size: int = 1, steps: int = 7,
                  domain: Grid | None = None, dtype=None, *, refine_levels: bool = False,
                  exp_shrink: float | None = None):
-        Transform.__init__(self, grid.ndim, batch_size)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        self.grid = grid
-        self.steps = steps
-        self.sign = 1.0
-        self._field_cache = None
+        self._exponentiate_on(grid, batch_size, steps)
         self.spline = BSplineTransform(domain or grid, control_spacing, batch_size, dtype=dtype)
         self.refine_levels = refine_levels
         self.exp_shrink = exp_shrink

@@ -143,13 +143,7 @@ class KernelVelocityField(StationaryVelocityField):
     that many times its spacing (the kernel field is smooth at the knot scale)."""
 
     def __init__(self, grid: Grid, kernel: Transform, steps: int = 7, *, exp_shrink: float | None = None):
-        Transform.__init__(self, grid.ndim, kernel.batch_size)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps}")
-        self.grid = grid
-        self.steps = steps
-        self.sign = 1.0
-        self._field_cache = None
+        self._exponentiate_on(grid, kernel.batch_size, steps)
         self.kernel = kernel
         self.exp_shrink = exp_shrink
 
