@@ -126,6 +126,17 @@ def test_the_readme_pipeline_is_valid(tmp_path):
     assert [s.name for s in stages] == ["rigid", "deformable"] and len(stages[1].levels) == 3
 
 
+def test_stage_interpolation(tmp_path):
+    """``interpolation: bspline`` reaches the stage; anything else is refused with the key named."""
+    base = "stages:\n  - transform: affine\n    losses: [{{name: mse}}]\n    interpolation: {v}\n"
+    path = tmp_path / "c.yaml"
+    path.write_text(base.format(v="bspline"))
+    assert load_config(path).stages[0].build(0, al.Grid([20, 20], [1.0, 1.0])).interpolation == "bspline"
+    path.write_text(base.format(v="cubic"))
+    with pytest.raises(ConfigError, match="interpolation"):
+        load_config(path)
+
+
 def test_options_that_do_not_apply_are_refused(tmp_path):
     """Keys of the dense velocity and its optimiser that would be silently ignored elsewhere stop
     the command with the key named."""

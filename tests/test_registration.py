@@ -144,3 +144,24 @@ def test_axial_slice_1mm():
     result = run("diffeomorphic", fixed, slice_case.moving)
     err, _ = slice_case.errors(result.transform)
     assert err["mean"] <= 0.12, err
+
+
+def test_cubic_sampling_removes_the_linear_interpolation_bias():
+    """Linear interpolation blurs the moving image by an amount that depends on where each point
+    falls between voxels; the transform that matches best is then off the true one by that
+    texture. Sampling the moving image as a cubic B-spline while optimising (``interpolation:
+    bspline``) removes most of it: measured 0.107 -> 0.059 mm on this slice."""
+    from airlab.pipelines import PipelineConfig
+
+    fixed = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
+    slice_case = Case(fixed, None, seed=3)
+    config = PipelineConfig(preset="diffeomorphic").resolve()
+    errors = {}
+    for interpolation in ("linear", "bspline"):
+        stages = [s.model_copy(update={"interpolation": interpolation}) if s.transform == "velocity" else s
+                  for s in config.stages]
+        pipeline = config.model_copy(update={"stages": stages})
+        result = Registration(pipeline.build(fixed.grid), progress=False, **pipeline.registration_options())(
+            fixed, slice_case.moving)
+        errors[interpolation] = slice_case.errors(result.transform)[0]["mean"]
+    assert errors["bspline"] < 0.75 * errors["linear"], errors

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 import torch
 
 from airlab import Grid, Image, resample, sample
-from airlab.splines import bspline_interpolate, prefilter
+from airlab.splines import bspline_interpolate, evaluate, node_gradient, prefilter
 
 from conftest import DEVICES, oblique_grid, overlapping_grid, random_rotation, smooth_image
 
@@ -100,6 +100,36 @@ def test_bspline_prefilter_interpolates(rng):
     idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (5, 7, 9)], indexing="ij"), -1)
     vals = bspline_interpolate(data, idx.reshape(1, -1, 3).expand(2, -1, -1))
     assert torch.allclose(vals, data.permute(0, 1, 4, 3, 2).reshape(2, 3, -1), atol=1e-10)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_cubic_sampling_for_registration(d, rng):
+    """The registration's cubic sampling (coefficients and node derivatives computed once) gives
+    the same values as plain B-spline interpolation; its gradient with respect to the points is
+    the exact one at voxel centres, and in between the linear interpolation of those: close to
+    the exact one for an image as smooth as a pyramid level (sigma 2 voxels)."""
+    grid = oblique_grid(d, rng, size=(14, 12, 11)[:d])
+    data = smooth_image(grid, rng, channels=2, sigma=2.0)
+    coefficients = prefilter(data)
+    spline = (coefficients, node_gradient(coefficients))
+    idx = torch.as_tensor(rng.uniform(0, np.asarray(grid.size) - 1, size=(1, 300, d)))
+    pts = grid.index_to_physical(idx).requires_grad_(True)
+    fast = sample(data, grid, pts, "bspline", outside=None, spline=spline)
+    exact = sample(data, grid, pts, "bspline", outside=None)
+    assert torch.allclose(fast, exact, atol=1e-12)
+    weights = torch.as_tensor(rng.normal(size=fast.shape))
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), pts)
+    (g_exact,) = torch.autograd.grad((exact * weights).sum(), pts)
+    cos = torch.nn.functional.cosine_similarity(g_fast.flatten(), g_exact.flatten(), dim=0)
+    assert cos > 0.97, float(cos)
+    # at voxel centres the node derivatives are the spline's own
+    nodes = torch.stack(torch.meshgrid(*[torch.arange(2, n - 2, dtype=torch.float64) for n in reversed(grid.size)],
+                                       indexing="ij")[::-1], -1).reshape(1, -1, d).requires_grad_(True)
+    from airlab.splines import sample_cubic
+
+    (g_nodes,) = torch.autograd.grad((sample_cubic(*spline, nodes) ** 2).sum(), nodes)
+    (g_ref,) = torch.autograd.grad((evaluate(coefficients, nodes) ** 2).sum(), nodes)
+    assert torch.allclose(g_nodes, g_ref, atol=1e-10)
 
 
 def test_gradcheck_sample_wrt_points(rng):

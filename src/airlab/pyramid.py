@@ -47,6 +47,7 @@ class LevelData:
     moving: torch.Tensor
     moving_mask: torch.Tensor | None
     regulariser_grid: Grid | None = None
+    moving_spline: tuple[torch.Tensor, torch.Tensor] | None = None  # see Pyramid.spline
     full: "LevelData | None" = None  # the whole level, when this is a strided view of it
 
 
@@ -112,9 +113,21 @@ class Pyramid:
                  moving_mask):
         self._inputs = (fixed, fixed_grid, fixed_mask, moving, moving_grid, moving_mask)
         self._levels: dict[tuple[float, float], LevelData] = {}
+        self._splines: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __getitem__(self, level: Level) -> LevelData:
         key = (float(level.shrink), float(level.sigma))
         if key not in self._levels:
             self._levels[key] = prepare_level(level, *self._inputs)
         return self._levels[key]
+
+    def spline(self, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level's moving image as a cubic B-spline: its coefficients and their derivatives
+        at the voxels (what :func:`airlab.splines.sample_cubic` takes), computed once."""
+        from .splines import node_gradient, prefilter
+
+        key = (float(level.shrink), float(level.sigma))
+        if key not in self._splines:
+            coefficients = prefilter(self[level].moving)
+            self._splines[key] = (coefficients, node_gradient(coefficients))
+        return self._splines[key]

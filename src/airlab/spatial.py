@@ -324,6 +324,7 @@ def sample(
     points: torch.Tensor,
     interpolation: str = "linear",
     outside: float | None = 0.0,
+    spline: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample an image at physical points.
 
@@ -337,6 +338,10 @@ def sample(
         outside: value for points outside the image (ITK's buffer test: more than half a voxel
             beyond the outermost voxel centre). ``None`` extrapolates (border for linear and
             nearest, mirror for bspline), which is what displacement fields need.
+        spline: with ``"bspline"``, for an image sampled many times (registration): its cubic
+            B-spline coefficients and their :func:`~airlab.splines.node_gradient`, computed
+            once. The values are the same; the gradient with respect to ``points`` is the
+            cheaper one of :func:`~airlab.splines.sample_cubic`.
 
     Returns:
         ``[N, C, *P]``; integer data stays integer with ``"nearest"`` and ``"label"``.
@@ -365,9 +370,9 @@ def sample(
     elif interpolation == "label":
         out = _sample_label(data, grid, index)
     else:
-        from .splines import bspline_interpolate
+        from .splines import bspline_interpolate, sample_cubic
 
-        out = bspline_interpolate(data, index)
+        out = bspline_interpolate(data, index) if spline is None else sample_cubic(*spline, index)
     if outside is not None:
         keep = inside(index, grid.size).unsqueeze(1)
         fill = torch.as_tensor(outside, dtype=out.dtype, device=out.device)

@@ -119,6 +119,7 @@ class StageConfig(_Strict):
     symmetric: bool = False
     gradient_sigma: float = Field(0.0, ge=0.0)
     exact_gradient: bool = True
+    interpolation: Literal["linear", "bspline"] = "linear"  # the moving image's, while optimising
     # transform: wendland only (compactly supported radial kernels on one lattice, no refinement)
     support: float | None = Field(None, gt=0)  # kernel radius, mm (default: twice control_spacing)
     order: Literal[2, 4, 6] | None = None  # smoothness C2, C4 (default), C6
@@ -194,7 +195,7 @@ class StageConfig(_Strict):
             [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
             levels=levels, optimizer=self.optimizer, lr=self.lr, decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
-            gradient_sigma=self.gradient_sigma,
+            gradient_sigma=self.gradient_sigma, interpolation=self.interpolation,
             name=self.name or f"{self.transform} {index + 1}",
         )
 
