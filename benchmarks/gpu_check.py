@@ -82,7 +82,8 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return (f"{p.name} ({p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, torch {torch.__version__}, "
-                f"airlab {al.__version__}")
+                f"airlab {al.__version__}; TF32 for matmul {torch.backends.cuda.matmul.allow_tf32}, "
+                f"for cuDNN convolutions {torch.backends.cudnn.allow_tf32}")
     return (f"CPU only ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
             f"torch {torch.__version__}, airlab {al.__version__}")
 
@@ -116,9 +117,13 @@ def timed(fixed, moving, device, smoke: bool, repeats: int):
     """A warm-up run of the same shapes (2 iterations per level, not counted), then the median
     time and the largest peak memory of ``repeats`` runs."""
     register(fixed, moving, device, smoke, iterations=2)
-    runs = [register(fixed, moving, device, smoke) for _ in range(repeats)]
-    peaks = [r[2] for r in runs if r[2] is not None]
-    return runs[-1][0], statistics.median(r[1] for r in runs), max(peaks) if peaks else None
+    seconds, peaks, result = [], [], None
+    for _ in range(repeats):
+        result = None  # the previous run's tensors are freed before the next peak is measured
+        result, s, peak = register(fixed, moving, device, smoke)
+        seconds.append(s)
+        peaks += [peak] if peak is not None else []
+    return result, statistics.median(seconds), max(peaks) if peaks else None
 
 
 def displacement(result, grid) -> np.ndarray:
@@ -260,10 +265,15 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the median is shown)")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the CUDA tests")
     parser.add_argument("--test-timeout", type=int, default=600)
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="turn TF32 off for matmul and cuDNN (torch's default allows it for convolutions; "
+                        "try this if CPU and CUDA disagree)")
     args = parser.parse_args(argv)
     smoke = args.cpu_smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
     repeats = 1 if smoke else args.repeats
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if smoke:
         torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and stall on a busy CI machine)
     batches = [int(b) for b in args.batches.split(",") if b]
