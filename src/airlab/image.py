@@ -194,8 +194,9 @@ def read_image(path: str | os.PathLike, *, series: str | None = None) -> Image:
 # gzip of the .nii.gz outputs: deflate with run-length matching only (zlib's Z_RLE) at level 1.
 # Image intensities and displacements in float32 hardly compress (their low mantissa bits are
 # noise), and searching for matches is what costs: on the 2 mm MNI152 case a displacement field
-# takes 0.11 s instead of SimpleITK's 0.33 s, 1% larger; a 1 mm one about 1 s instead of 3.2 s,
-# (benchmarks/nifti_compression.py; SimpleITK 2.2's NIfTI writer ignores its compression level).
+# takes 0.14 s instead of SimpleITK's 0.38 s, 1% larger; a 1 mm one 1.4 s instead of 3.4 s
+# (docs/benchmarks.md; benchmarks/nifti_compression.py: SimpleITK 2.2's NIfTI writer ignores its
+# compression level, and zlib's levels change these files' size by under 1%).
 # The file is an ordinary gzip stream: nibabel, ITK, FSL and AFNI read it as they read any.
 GZIP_LEVEL, GZIP_STRATEGY = 1, zlib.Z_RLE
 _CHUNK = 1 << 24
