@@ -125,3 +125,32 @@ def test_image_validates_its_shape(rng):
     grid = oblique_grid(3, rng)
     with pytest.raises(ValueError, match="does not fit"):
         Image(torch.zeros(1, 1, *grid.size), grid)  # ITK order instead of tensor order
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_nifti_gz_is_sitks_file_gzipped_faster(vector, rng, tmp_path):
+    """.nii.gz outputs are gzipped by airlab (run-length deflate, issue 17: 3x faster for float
+    data): the decompressed bytes are exactly SimpleITK's own NIfTI file, nibabel and SimpleITK
+    read it, and no temporary file is left behind."""
+    import gzip
+
+    import nibabel as nib
+
+    from airlab.transforms import DisplacementField, write_displacement_field
+    from airlab.transforms.itkio import _displacement_image
+
+    grid = oblique_grid(3, rng)
+    data = torch.as_tensor(rng.normal(size=(1, 3 if vector else 1, *grid.shape)), dtype=torch.float32)
+    ours, theirs = tmp_path / "ours.nii.gz", tmp_path / "theirs.nii.gz"
+    if vector:
+        field = DisplacementField(grid, displacement=data)
+        write_displacement_field(field, grid, ours)
+        sitk.WriteImage(_displacement_image(data[0], grid, np.float32), str(theirs), True)
+    else:
+        write_image(Image(data, grid), ours)
+        sitk.WriteImage(Image(data, grid).to_sitk(0), str(theirs), True)
+    assert gzip.decompress(ours.read_bytes()) == gzip.decompress(theirs.read_bytes())
+    back = read_image(ours)
+    assert torch.equal(back.data, data) and back.grid.same_as(grid, atol=1e-5)
+    assert np.array_equal(np.asarray(nib.load(ours).dataobj).squeeze(), np.asarray(nib.load(theirs).dataobj).squeeze())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.nii.gz", "theirs.nii.gz"]

@@ -10,7 +10,7 @@ import click
 
 from .errors import AirlabError
 from .landmarks import LANDMARK_WEIGHT
-from .pipelines.schema import METRICS, PRESETS
+from .pipelines.names import METRICS, PRESETS
 from .workflows.staging import staged_output
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2

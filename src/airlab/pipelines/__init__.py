@@ -1,7 +1,29 @@
-"""Pipelines as data: the schema, the presets shipped as YAML, and loading a file."""
+"""Pipelines as data: the schema, the presets shipped as YAML, and loading a file.
 
-from .presets import METRICS, PRESETS, default_metric, metric_term, preset, preset_pipeline
-from .schema import ConfigError, LevelConfig, PipelineConfig, StageConfig, TermConfig, load_config, pyramid, validate
+The names are imported on first use (PEP 562): ``airlab.pipelines.names`` (the preset and
+metric names the command line offers) is importable without pydantic, YAML or the engine."""
+
+from __future__ import annotations
+
+import importlib
+
+from .names import METRICS, PRESETS
 
 __all__ = ["PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "ConfigError", "load_config", "validate",
            "preset", "preset_pipeline", "default_metric", "metric_term", "pyramid", "PRESETS", "METRICS"]
+
+_LAZY = {**dict.fromkeys(["default_metric", "metric_term", "preset", "preset_pipeline"], "presets"),
+         **dict.fromkeys(["ConfigError", "LevelConfig", "PipelineConfig", "StageConfig", "TermConfig", "load_config",
+                          "pyramid", "validate"], "schema")}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # once: later look-ups do not come here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -52,12 +52,11 @@ from ..regularisers import REGULARISERS
 from ..registration import Stage
 from ..spatial import Grid
 from ..transforms import TRANSFORMS, TransformSpec
+from .names import METRICS, PRESETS
 
 __all__ = ["ConfigError", "PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "load_config", "pyramid",
            "PRESETS", "METRICS"]
 
-PRESETS = ("rigid", "affine", "bspline", "diffeomorphic", "intersubject")
-METRICS = ("mse", "ncc", "lncc", "mi", "nmi", "ngf", "ssim")
 LINEAR = ("translation", "rigid", "similarity", "affine")
 
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import ImageIOError, TransformIOError
-from ..image import Image, itk_reason, read_image
+from ..image import Image, itk_reason, read_image, write_sitk
 from ..spatial import Grid
 from .base import Transform
 from .bspline import BSplineTransform
@@ -189,8 +189,8 @@ def write_displacement_field(transform: Transform, grid: Grid, path, *, index: i
     field = field[min(k, field.shape[0] - 1)]
     image = _displacement_image(field, grid, dtype)
     try:
-        sitk.WriteImage(image, str(path), True)
-    except RuntimeError as exc:
+        write_sitk(image, path)
+    except (RuntimeError, OSError) as exc:
         raise TransformIOError(f"cannot write displacement field {path}: {itk_reason(exc)}") from None
 
 
