@@ -100,7 +100,7 @@ def test_a_broken_pair_fails_alone_and_a_rerun_registers_nothing_twice(data, tmp
         assert rows[i]["device"] == "cpu" and float(rows[i]["final_objective"]) > 0 and rows[i]["resumed"] == "False"
         assert float(rows[i]["folding_percent"]) == 0 and float(rows[i]["sdlogj"]) >= 0
     assert not (out / "bad").exists()
-    page = (out / "index.html").read_text()
+    page = (out / "index.html").read_text(encoding="utf-8")
     assert 'href="p0/report.html"' in page and 'src="p1/report.png"' in page and "<script>" in page
     assert sorted(p.name for p in out.iterdir()) == ["index.html", "notes.txt", "p0", "p1", "results.csv"]
     before = stamps(out, ["p0", "p1"])
@@ -110,7 +110,7 @@ def test_a_broken_pair_fails_alone_and_a_rerun_registers_nothing_twice(data, tmp
     rows = results(out)
     assert stamps(out, ["p0", "p1"]) == before  # finished pairs were not registered again
     assert rows["p0"]["resumed"] == "True" and rows["p2"]["status"] == "done" and rows["p2"]["resumed"] == "False"
-    assert (out / "notes.txt").read_text() == "the user's"
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "the user's"
 
 
 def test_resume_after_the_run_is_killed(data, tmp_path):
@@ -191,7 +191,7 @@ def test_a_worker_killed_during_a_pair_is_retried_elsewhere(data, tmp_path, clus
     story = client.run_on_scheduler(lambda dask_scheduler: [t[2] for t in dask_scheduler.story(killed[1])])
     assert story.count("processing") >= 2  # the pair the dead worker held was given to a worker again
     for i in ids:
-        assert json.loads((out / f"p{i}" / "metrics.json").read_text())["batch_id"] == f"p{i}"
+        assert json.loads((out / f"p{i}" / "metrics.json").read_text(encoding="utf-8"))["batch_id"] == f"p{i}"
 
 
 def test_python_api_with_a_client(data, tmp_path, cluster):
@@ -221,9 +221,9 @@ def test_device_batches_match_pairs_run_alone_and_a_bad_pair_drops_out_of_its_ba
         assert np.abs(a - b).max() < 1e-3 * np.abs(b).max()  # a batch behaves like separate runs
         assert float(rows[i]["final_objective"]) == pytest.approx(float(row["final_objective"]), rel=1e-3)
         assert sorted(p.name for p in (tmp_path / "together" / i).iterdir()) == REGISTER_FILES
-        metrics = json.loads((tmp_path / "together" / i / "metrics.json").read_text())
+        metrics = json.loads((tmp_path / "together" / i / "metrics.json").read_text(encoding="utf-8"))
         assert metrics["batch"]["size"] == 2 and metrics["moving"].endswith(f"m{i[1:]}.nii.gz")
-        single = json.loads((tmp_path / "alone" / i / "metrics.json").read_text())
+        single = json.loads((tmp_path / "alone" / i / "metrics.json").read_text(encoding="utf-8"))
         assert metrics["inverse_consistency_mm"]["mean"] == pytest.approx(single["inverse_consistency_mm"]["mean"],
                                                                           rel=0.05, abs=1e-4)
 

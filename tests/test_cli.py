@@ -50,8 +50,8 @@ def test_register_writes_the_contract(registered):
     assert sorted(p.name for p in out.iterdir()) == ["affine.txt", "displacement.nii.gz", "inverse_displacement.nii.gz",
                                                        "metrics.json", "report.html", "report.png", "warped.nii.gz"]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
-    assert "data:image/png;base64," in (out / "report.html").read_text()
-    metrics = json.loads((out / "metrics.json").read_text())
+    assert "data:image/png;base64," in (out / "report.html").read_text(encoding="utf-8")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["preset"] == "diffeomorphic" and metrics["device"] == "cpu"
     assert [s["stage"] for s in metrics["stages"]][-1] == "diffeomorphic"
     assert all(s["iterations"] > 0 for s in metrics["stages"])
@@ -116,7 +116,7 @@ def test_evaluate_measures(registered, tmp_path):
                             registered / "fixed_points.csv", "--moving-points", registered / "moving_points.csv",
                             "--json", tmp_path / "m.json")
     assert code == 0, err
-    report = json.loads((tmp_path / "m.json").read_text())
+    report = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert report["folding_voxels"] == 0 and report["log_jacobian_std"] > 0
     assert report["dice"]["2"] > 0.9 and set(report["dice"]) == {"1", "2", "mean"}
     assert report["tre_mm"]["mean"] < 0.5 < report["tre_before_mm"]["mean"]
@@ -173,11 +173,11 @@ def test_existing_outputs_are_kept(registered, tmp_path):
     (out / "notes.txt").write_text("also mine")
     code, _, err = airlab("register", FIXED, registered / "moving.nii.gz", "-o", out, "--quiet", "--preset", "rigid")
     assert code == 2 and _one_line(err) and "--overwrite" in err
-    assert (out / "warped.nii.gz").read_text() == "mine"
+    assert (out / "warped.nii.gz").read_text(encoding="utf-8") == "mine"
     code, _, err = airlab("register", FIXED, registered / "moving.nii.gz", "-o", out, "--quiet", "--preset", "rigid",
                           "--overwrite")
     assert code == 0, err
-    assert (out / "notes.txt").read_text() == "also mine"  # --overwrite touches only airlab's outputs
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "also mine"  # --overwrite touches only airlab's outputs
     assert sitk.ReadImage(str(out / "warped.nii.gz")).GetSize() == sitk.ReadImage(str(FIXED)).GetSize()
 
 
@@ -262,5 +262,5 @@ def test_inverse_carries_fixed_labels_onto_the_moving_grid(registered, tmp_path)
     dice, before = dice_of(carried, truth), dice_of(identity, truth)
     # as good as the forward direction (label 1 is a thin rim: 0.85 both ways), far above no registration
     assert all(dice[k] > forward[k] - 0.02 and dice[k] > before[k] + 0.05 for k in (1, 2)) and dice["mean"] > 0.9
-    metrics = json.loads((root / "out" / "metrics.json").read_text())
+    metrics = json.loads((root / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["inverse_consistency_mm"]["mean"] < 0.05 and metrics["inverse_consistency_mm"]["max"] < 0.5

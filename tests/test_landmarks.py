@@ -184,7 +184,7 @@ def test_cli_register_with_landmark_files(tmp_path):
 
     done = run("-o", tmp_path / "out", "--moving-points", tmp_path / "m.pts")
     assert done.returncode == 0, done.stderr
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["tre_mm"]["mean"] < 1.0 < metrics["tre_before_mm"]["mean"]
     assert metrics["landmarks"]["count"] == 4 and metrics["landmarks"]["fixed_points"].endswith("f.fcsv")
     assert f"tre (mm): mean</td><td>{metrics['tre_mm']['mean']:.6g}" in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
@@ -193,7 +193,7 @@ def test_cli_register_with_landmark_files(tmp_path):
                          str(tmp_path / "f.fcsv"), "--moving-points", str(tmp_path / "m.pts"), "--json",
                          str(tmp_path / "ev.json")], capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
-    assert json.loads((tmp_path / "ev.json").read_text())["tre_mm"]["mean"] == pytest.approx(
+    assert json.loads((tmp_path / "ev.json").read_text(encoding="utf-8"))["tre_mm"]["mean"] == pytest.approx(
         metrics["tre_mm"]["mean"], abs=0.05)
     # a moving file with a point missing: one line, exit 1, nothing written
     write_points(tmp_path / "short.csv", mp[:3])

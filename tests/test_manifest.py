@@ -93,4 +93,4 @@ def test_an_outroot_with_a_results_table_airlab_did_not_write_is_refused(files):
     with pytest.raises(OutputExistsError, match="was not written by airlab batch"):
         batch.run([batch.Pair("s1", files / "f.nii.gz", files / "a.nii.gz")], files / "out")
     assert sorted(p.name for p in (files / "out").iterdir()) == ["results.csv"]
-    assert (files / "out" / "results.csv").read_text() == "subject,score\n"
+    assert (files / "out" / "results.csv").read_text(encoding="utf-8") == "subject,score\n"

@@ -79,14 +79,14 @@ def test_a_run_replayed_from_its_metrics_gives_the_same_field(tmp_path):
     code, _, err = airlab("register", FIXED, tmp_path / "moving.nii.gz", "-o", tmp_path / "a", "--config",
                           tmp_path / "quick.yaml", "--quiet", "--no-report")
     assert code == 0, err
-    recorded = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    recorded = json.loads((tmp_path / "a" / "metrics.json").read_text(encoding="utf-8"))
     assert recorded["pipeline"]["stages"][1]["transform"] == "velocity" and recorded["seed"] == 3
     code, _, err = airlab("register", FIXED, tmp_path / "moving.nii.gz", "-o", tmp_path / "b", "--config",
                           tmp_path / "a" / "metrics.json", "--quiet", "--no-report")
     assert code == 0, err
     a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / d / "displacement.nii.gz"))) for d in "ab")
     assert np.abs(a).max() > 0.5 and np.abs(a - b).max() < 1e-6
-    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["pipeline"] == recorded["pipeline"]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text(encoding="utf-8"))["pipeline"] == recorded["pipeline"]
 
 
 def test_a_bad_metrics_file_is_a_config_error_naming_it(tmp_path):

@@ -66,7 +66,7 @@ def test_register_runs_a_written_pipeline(tmp_path, moving):
     code, out, err = airlab("register", FIXED, moving, "-o", tmp_path / "out", "--config", tmp_path / "p.yaml",
                             "--quiet")
     assert code == 0, err
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert [s["stage"] for s in metrics["stages"]] == ["rigid", "deformable", "deformable"]
     assert [s["iterations"] <= n for s, n in zip(metrics["stages"], (30, 20, 10))] == [True] * 3
     assert metrics["seed"] == 3 and metrics["config"]["file"].endswith("p.yaml") and metrics["preset"] is None
@@ -78,7 +78,7 @@ def test_a_preset_in_the_file_and_the_command_line_wins(tmp_path, moving):
                           "--seed", "7", "--quiet", "--no-report")
     assert code == 0, err
     assert not (tmp_path / "out" / "report.html").exists() and not (tmp_path / "out" / "report.png").exists()
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     assert (metrics["preset"], metrics["metric"], metrics["seed"]) == ("affine", "nmi", 7)
     assert [s["stage"] for s in metrics["stages"]][-1] == "affine"
 

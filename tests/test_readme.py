@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 
 
 def _blocks(language):
@@ -21,7 +21,7 @@ def test_first_block_is_the_two_setup_commands():
     first = re.search(r"```(\w*)\n(.*?)```", README, flags=re.S).group(2).strip().splitlines()
     assert len(first) == 2
     assert "airlab demo" in first[0] and "pytest" in first[1]
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert first[1] in ci.splitlines(), ".ci/run must run the README's test command verbatim"
 
 
@@ -48,7 +48,7 @@ def test_demo_command(tmp_path):
     out = tmp_path / "demo"
     done = subprocess.run(["airlab", "demo", "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["sitk_vs_airlab_max_abs_difference"] < 1e-4 * metrics["intensity_range"]
     assert metrics["endpoint_error_mm"]["mean"] < 0.35 and metrics["folding_voxels"] == 0
     # a second run refuses to overwrite, exits 2 with one line, and leaves the files alone
