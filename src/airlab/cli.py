@@ -249,7 +249,7 @@ def template(ctx, images, outdir, iterations, preset, metric, config_path, initi
         resumed = "" if summary.resumed_from is None else f" (resumed after iteration {summary.resumed_from})"
         click.echo(f"airlab template: {len(summary.images)} images, {iterations} iterations{resumed}; "
                    f"sharpness {last['sharpness']:.4g}, group distance {summary.final['group_distance_mm']:.3f} mm; "
-                   f"{summary.template} (report: {outdir / 'report.html'})")
+                   f"{summary.template}" + ("" if no_report else f" (report: {outdir / 'report.html'})"))
 
 
 @main.command()

@@ -71,17 +71,27 @@ class TemplateSummary:
     images: dict = field(default_factory=dict)  # name -> OUTDIR/images/<name>
 
 
+def _stem(name: str) -> str:
+    for ext in _EXTENSIONS:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 def image_names(paths: list[Path]) -> list[str]:
-    """Each image's folder name under ``OUTDIR/images/``: its file name without the extension."""
-    names = []
-    for p in paths:
-        name = Path(p).name
-        for ext in _EXTENSIONS:
-            if name.lower().endswith(ext):
-                name = name[: -len(ext)]
-                break
-        names.append(name)
-    return names
+    """Each image's folder name under ``OUTDIR/images/``: its file name without the extension,
+    with as many parent folders as make it unique, joined by ``_`` (``sub-01/t1.nii.gz`` and
+    ``sub-02/t1.nii.gz`` become ``sub-01_t1`` and ``sub-02_t1``)."""
+    parts = [Path(p).parts[:-1] + (_stem(Path(p).name),) for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        names = ["_".join(q[-d:]).lstrip("_/") or "image" for q, d in zip(parts, depth)]
+        clash = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
 
 
 def _header(path: Path):
