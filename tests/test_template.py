@@ -251,3 +251,27 @@ def test_bad_input_is_one_line_and_creates_nothing(group, tmp_path):
     with pytest.raises(OutputExistsError):
         build(group["paths"][:2], mine)
     assert (mine / "template.nii.gz").read_bytes() == b"mine" and sorted(os.listdir(mine)) == ["template.nii.gz"]
+
+
+# ------------------------------------------------------------------------------ without a template
+def test_groupwise_registration_finds_the_implicit_mean(group):
+    """All images to their implicit mean through the batch dimension: centred (EPE well under
+    the plain average's, which is centred only to first order) and as sharp as the true mean."""
+    from airlab.groupwise import register_group
+
+    images = [al.read_image(p) for p in group["paths"]]
+    result = register_group(images)
+    grid, mask = group["grid"], group["mask"]
+    with torch.no_grad():
+        u = result.transform.displacement(grid).double()
+    points = grid.points(torch.float64) + torch.movedim(u, 1, -1)
+    with torch.no_grad():
+        mapped = sum(d(points[i:i + 1]) for i, d in enumerate(group["deformations"])) / N
+        plain = sum(d(grid.points(torch.float64)) for d in group["deformations"]) / N
+    assert _epe(mapped, group) < 0.2 and _epe(mapped, group) < 0.6 * _epe(plain, group)
+    assert float(u.mean(0).norm(dim=0).mean()) < 0.05  # the velocities average to zero: the mean map is ~identity
+    average = al.Image(torch.cat([i.data for i in images]).mean(0, keepdim=True), grid)
+    rmse = lambda image: float((image.data[0, 0].double() - group["truth"].data[0, 0])[mask].pow(2).mean().sqrt())  # noqa: E731
+    assert rmse(result.template) < 0.3 * rmse(average)
+    assert sharpness(result.template, mask) > 0.95 * sharpness(group["truth"], mask)
+    assert result.history[-1][-1] < 0.1 * result.history[0][0]
