@@ -348,18 +348,18 @@ def write_template_report(outdir, templates: list, history: list[dict], final: d
     last = templates[-1] if isinstance(templates[-1], Image) else read_image(templates[-1])
     window = _window(last)
     planes = _planes(last, window)
-    rows = len(templates)
-    fig = Figure(figsize=(2.6 * len(planes) + 0.6, 2.4 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, len(planes), squeeze=False)
-    for ax, plane in zip(axes[0], planes):
-        ax.set_title(plane.label, fontsize=9)
-    for k, (row, item) in enumerate(zip(axes, templates)):
+    columns = len(templates)  # iterations left to right, a plane per row
+    fig = Figure(figsize=(2.4 * columns + 0.8, 2.6 * len(planes) + 0.6), layout="constrained")
+    axes = fig.subplots(len(planes), columns, squeeze=False)
+    for row, plane in zip(axes, planes):
+        row[0].set_ylabel(plane.label, fontsize=8)
+    for k, item in enumerate(templates):
         image = item if isinstance(item, Image) else read_image(item)
-        for ax, plane in zip(row, planes):
+        for ax, plane in zip(axes[:, k], planes):
             values = (plane.sample(image.data, image.grid)[0] - window[0]) / (window[1] - window[0])
             _panel(ax, plane, values, cmap="gray", vmin=0, vmax=1)
         entry = history[k] if k < len(history) else {}
-        row[0].set_ylabel(f"iteration {k}\nsharpness {entry.get('sharpness', float('nan')):.3g}", fontsize=8)
+        axes[0, k].set_title(f"iteration {k}\nsharpness {entry.get('sharpness', float('nan')):.3g}", fontsize=9)
         del image
     fig.suptitle("Template per iteration (window of the final template)", fontsize=11)
     evolution = _png(fig)
@@ -377,8 +377,11 @@ def write_template_report(outdir, templates: list, history: list[dict], final: d
                label="mean displacement (shape update)")
     right.set_title("mean distance (mm)", fontsize=9)
     right.legend(fontsize=7, frameon=False)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (left, right):
         ax.set_xlabel("iteration", fontsize=8), ax.grid(alpha=0.3), ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves = _png(fig)
 
     header = ["iteration", "registrations", "sharpness", "group distance (mm)", "mean displacement removed (mm)",
