@@ -193,6 +193,66 @@ def batch(ctx, manifest, outroot, fixed, moving_glob, preset, metric, fixed_mask
 
 
 @main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True,
+              help="Folder for the results: template.nii.gz, iterations/, images/NAME/, metrics.json, history.csv, "
+              "report.html.")
+@click.option("--iterations", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Rounds of register-average-shape update after the initial template.")
+@click.option("--preset", type=click.Choice(PRESETS), default="diffeomorphic", show_default=True,
+              help="Pipeline of each image to the template, as for 'airlab register'.")
+@click.option("--metric", type=click.Choice(METRICS), default=None, help="Similarity of the deformable stage.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML pipeline (or an earlier metrics.json), as for 'airlab register'.")
+@click.option("--initial", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Start from this template (its grid is the template's) instead of the affine-aligned average.")
+@click.option("--sharpen", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Unsharp-mask amount applied to each iteration's average (0: none).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="On Dask, 'auto' is decided by each worker.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the engine's random source.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Register up to N images on one grid at once through the engine's batch dimension.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run K local worker processes (a Dask LocalCluster).")
+@click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Try a failed registration this many more times before stopping.")
+@click.option("--scheduler", help="Address of a running dask.distributed scheduler (tcp://host:8786).")
+@click.option("--cluster", help="local:N starts a Dask LocalCluster of N worker processes for this run.")
+@click.option("--quiet", is_flag=True, help="No progress and no summary.")
+@click.option("--no-report", is_flag=True, help="Skip report.html and the per-image QC reports.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier template run in OUTDIR (nothing else is touched).")
+@click.pass_context
+def template(ctx, images, outdir, iterations, preset, metric, config_path, initial, sharpen, device, seed, batch_size,
+             workers, retries, scheduler, cluster, quiet, no_report, overwrite):
+    """Build an unbiased template of IMAGES (two or more): start from their affine-aligned
+    average (or --initial), then --iterations times register every image to the template,
+    average the warped images and move the average by the inverse of the group's mean
+    displacement. Writes template.nii.gz, iterations/template_XX.nii.gz, each image's
+    'airlab register' files (to the final template) in images/NAME/, metrics.json and
+    history.csv (sharpness and the group's distance per iteration) and report.html.
+    A rerun of the same command resumes after the last finished iteration."""
+    from .workflows.template import TemplateProgress, build
+
+    if scheduler and cluster:
+        raise click.UsageError("--scheduler and --cluster exclude each other")
+    pipeline, preset, metric, seed, device, record = _pipeline(ctx, config_path, preset, metric, seed, device)
+    if device == "cuda" and not scheduler:
+        _device(device)
+    summary = build(list(images), outdir, iterations=iterations, preset=preset, metric=metric, pipeline=pipeline,
+                    initial=initial, device=device, seed=seed, sharpen=sharpen, report=not no_report,
+                    overwrite=overwrite, retries=retries, batch_size=batch_size, workers=workers,
+                    scheduler=scheduler, cluster=cluster, progress=None if quiet else TemplateProgress(),
+                    record=record)
+    if not quiet:
+        last = summary.history[-1]
+        resumed = "" if summary.resumed_from is None else f" (resumed after iteration {summary.resumed_from})"
+        click.echo(f"airlab template: {len(summary.images)} images, {iterations} iterations{resumed}; "
+                   f"sharpness {last['sharpness']:.4g}, group distance {summary.final['group_distance_mm']:.3f} mm; "
+                   f"{summary.template}" + ("" if no_report else f" (report: {outdir / 'report.html'})"))
+
+
+@main.command()
 @click.argument("image", type=click.Path(exists=True, path_type=Path))
 @click.option("-t", "--transform", "transform_path", type=click.Path(exists=True, path_type=Path), required=True,
               help="An OUTDIR of 'airlab register' (its displacement.nii.gz), a displacement field, or an ITK "

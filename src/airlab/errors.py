@@ -11,7 +11,7 @@ that cannot be registered and for failures during the work.
 from __future__ import annotations
 
 __all__ = ["AirlabError", "InputError", "RegistrationError", "ConfigError", "ImageIOError", "TransformIOError",
-           "OutputExistsError", "ManifestError"]
+           "OutputExistsError", "ManifestError", "GroupError"]
 
 
 class AirlabError(Exception):
@@ -51,5 +51,12 @@ class OutputExistsError(AirlabError, FileExistsError):
 class ManifestError(AirlabError, ValueError):
     """A batch manifest cannot be used (a missing column, a duplicate id, a path that does not
     exist); the message names the row. Found before any pair starts."""
+
+    exit_code = 2
+
+
+class GroupError(AirlabError, ValueError):
+    """The images of a template cannot be used as a group (fewer than two, unreadable, mixed
+    dimensions, two with the same name); found before anything is created or registered."""
 
     exit_code = 2

@@ -21,7 +21,7 @@ from .image import Image
 from .regularisers import jacobian_determinant
 from .spatial import Grid, sample
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "write_template_report"]
 
 # name, horizontal axis, vertical axis, normal axis, vertical coordinate grows downwards
 PLANES_3D = [("axial", 0, 1, 2, True), ("coronal", 0, 2, 1, False), ("sagittal", 1, 2, 0, False)]
@@ -331,3 +331,74 @@ def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacemen
             f'<p id="rendered" hidden></p>{CHECK}</body></html>')
     (outdir / "report.html").write_text(page, encoding="utf-8")
     return outdir / "report.png", outdir / "report.html"
+
+
+TEMPLATE_GENERATOR = '<meta name="generator" content="airlab template">'
+
+
+def write_template_report(outdir, templates: list, history: list[dict], final: dict | None = None) -> Path:
+    """``report.html`` of a template run: the template's planes (three in 3D) after every
+    iteration, on the same planes and window as the final template, and its sharpness and the
+    group's distance to it per iteration. ``templates``: paths (or Images) of iterations 0..K,
+    read one at a time."""
+    from matplotlib.figure import Figure
+
+    from .image import read_image
+
+    outdir = Path(outdir)
+    last = templates[-1] if isinstance(templates[-1], Image) else read_image(templates[-1])
+    window = _window(last)
+    planes = _planes(last, window)
+    columns = len(templates)  # iterations left to right, a plane per row
+    fig = Figure(figsize=(2.4 * columns + 0.8, 2.6 * len(planes) + 0.6), layout="constrained")
+    axes = fig.subplots(len(planes), columns, squeeze=False)
+    for row, plane in zip(axes, planes):
+        row[0].set_ylabel(plane.label, fontsize=8)
+    for k, item in enumerate(templates):
+        image = item if isinstance(item, Image) else read_image(item)
+        for ax, plane in zip(axes[:, k], planes):
+            values = (plane.sample(image.data, image.grid)[0] - window[0]) / (window[1] - window[0])
+            _panel(ax, plane, values, cmap="gray", vmin=0, vmax=1)
+        entry = history[k] if k < len(history) else {}
+        axes[0, k].set_title(f"iteration {k}\nsharpness {entry.get('sharpness', float('nan')):.3g}", fontsize=9)
+        del image
+    fig.suptitle("Template per iteration (window of the final template)", fontsize=11)
+    evolution = _png(fig)
+
+    fig = Figure(figsize=(9, 3), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    ks = [h["iteration"] for h in history]
+    left.plot(ks, [h.get("sharpness") for h in history], "o-")
+    left.set_title("sharpness (mean |gradient| in the foreground)", fontsize=9)
+    dist = [h.get("group_distance_mm") for h in history]
+    right.plot([k for k, d in zip(ks, dist) if d is not None], [d for d in dist if d is not None], "o-",
+               label="group to the template registered to")
+    moved = [h.get("mean_displacement_mm") for h in history]
+    right.plot([k for k, d in zip(ks, moved) if d is not None], [d for d in moved if d is not None], "s--",
+               label="mean displacement (shape update)")
+    right.set_title("mean distance (mm)", fontsize=9)
+    right.legend(fontsize=7, frameon=False)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (left, right):
+        ax.set_xlabel("iteration", fontsize=8), ax.grid(alpha=0.3), ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves = _png(fig)
+
+    header = ["iteration", "registrations", "sharpness", "group distance (mm)", "mean displacement removed (mm)",
+              "time (s)"]
+    table = [(h["iteration"], h.get("registrations", "initial"), h.get("sharpness"), h.get("group_distance_mm"),
+              h.get("mean_displacement_mm"), h.get("time_s")) for h in history]
+    if final:
+        table.append(("final", "deformable", None, final.get("group_distance_mm"), None, None))
+    images = "".join(f'<section><h2>{t}</h2><img alt="{t}" src="data:image/png;base64,{base64.b64encode(b).decode()}">'
+                     "</section>" for t, b in (("Per iteration", curves), ("Template per iteration", evolution)))
+    link = '<p>Each image registered to the final template: <a href="images/index.html">images/index.html</a></p>' \
+        if (outdir / "images" / "index.html").exists() else ""
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{TEMPLATE_GENERATOR}'
+            f"<title>airlab template</title><style>{STYLE}</style></head><body><h1>airlab template</h1>"
+            f"<p>{len(history) - 1} iterations; the last is template.nii.gz.</p>{link}"
+            f"<h2>Numbers</h2>{_table(table, header)}{images}"
+            f'<p id="rendered" hidden></p>{CHECK}</body></html>')
+    (outdir / "report.html").write_text(page, encoding="utf-8")
+    return outdir / "report.html"
