@@ -159,30 +159,11 @@ def node_gradient(coefficients: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts, dim=2).flatten(1, 2)
 
 
-def _evaluate_at_once(coefficients: torch.Tensor, index: torch.Tensor, boundary: str) -> torch.Tensor:
-    """:func:`evaluate` without a graph, its ``2**D`` fetches of a point side by side in one
-    ``grid_sample`` call (one pass over the points, neighbouring reads)."""
-    n, p, d = index.shape
-    floor = torch.floor(index)
-    w = cubic_weights(index - floor)  # [N, P, D, 4]
-    g = torch.stack((w[..., 0] + w[..., 1], w[..., 2] + w[..., 3]), -1)  # [N, P, D, 2]
-    h = torch.stack((floor - 1 + w[..., 1] / g[..., 0], floor + 1 + w[..., 3] / g[..., 1]), -1)
-    positions, weights = [], None
-    for a in range(d):
-        shape = [n, p] + [1] * d
-        shape[2 + a] = 2
-        positions.append(h[:, :, a].reshape(shape))
-        weights = g[:, :, a].reshape(shape) if weights is None else weights * g[:, :, a].reshape(shape)
-    positions = torch.stack(torch.broadcast_tensors(*positions), -1).reshape(n, p << d, d)
-    values = sample_index(coefficients, positions, boundary)  # [N, C, P * 2**D]
-    return (values.view(n, -1, p, 1 << d) * weights.reshape(n, 1, p, 1 << d)).sum(-1)
-
-
 class _CubicSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index, coefficients, gradient, boundary):
         ctx.save_for_backward(index, gradient)
-        return _evaluate_at_once(coefficients, index, boundary)
+        return evaluate(coefficients, index, boundary)
 
     @staticmethod
     def backward(ctx, grad_out):
