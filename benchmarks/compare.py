@@ -212,7 +212,7 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -233,8 +233,14 @@ def run_process(cmd: list, log: Path, timeout: float):
     if proc.returncode != 0:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         return None, None, (lines[-1] if lines else f"exit code {proc.returncode}")[:300]
-    seconds, kib = measured.read_text().split()
+    seconds, kib = measured.read_text().split()[:2]  # the third: CPU seconds (user + system), cpu_seconds()
     return float(seconds), int(kib) / 1024.0, None
+
+
+def cpu_seconds(log: Path):
+    """The CPU time (user + system, all threads) of the process :func:`run_process` logged in ``log``."""
+    fields = log.with_suffix(".rusage").read_text().split()
+    return float(fields[2]) if len(fields) > 2 else None
 
 
 def commands(tool: str, case: Case, out: Path, device: str) -> list:

@@ -598,7 +598,7 @@ def run_tool(label: str, cmd: list[str] | None, case: RealCase, out: Path, timeo
              repeat_under: float = 60.0) -> dict:
     """One tool's row: its process run ``repeats`` times (only while the first run took less than
     ``repeat_under`` s; time: the median), the accuracy of the first run's field."""
-    from compare import run_process  # the whole-process clock and peak memory of compare.py
+    from compare import cpu_seconds, run_process  # the whole-process clock and peak memory of compare.py
 
     row = {"case": case.name, "tool": label, "command": shlex.join(cmd) if cmd else None}
     if cmd is None:
@@ -608,7 +608,7 @@ def run_tool(label: str, cmd: list[str] | None, case: RealCase, out: Path, timeo
     seconds, mb, error = run_process(cmd, out / "log.txt", timeout)
     if error:
         return row | {"error": error}
-    times = [seconds]
+    times, cpu = [seconds], cpu_seconds(out / "log.txt")
     for rep in range(1, repeats if seconds < repeat_under else 1):  # later runs only time, in a scratch folder
         again = out.parent / f"{out.name}.rep{rep}"
         shutil.rmtree(again, ignore_errors=True)
@@ -619,7 +619,7 @@ def run_tool(label: str, cmd: list[str] | None, case: RealCase, out: Path, timeo
             return row | {"error": f"repeat {rep}: {error}"}
         times.append(more)
         mb = max(mb, more_mb)
-    row |= {"seconds": float(np.median(times)), "peak_mb": mb}
+    row |= {"seconds": float(np.median(times)), "peak_mb": mb, "cpu_s": cpu}  # cpu_s: the first run's
     if len(times) > 1:
         row["repeats"] = times
     if (out / "metrics.json").is_file():  # airlab's own clock: registration alone, without start-up and I/O
@@ -639,23 +639,24 @@ def _dice_labels(r: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | tool | time s | reg. s | mean Dice | Dice per label | HD95 mm | SDlogJ | folding |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | tool | time s | CPU s | reg. s | mean Dice | Dice per label | HD95 mm | SDlogJ | folding |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['case']} | {r['tool']} | failed: {r['error'].replace('|', '/')} | | | | | | |")
+            lines.append(f"| {r['case']} | {r['tool']} | failed: {r['error'].replace('|', '/')} | | | | | | | |")
             continue
         n = len(r.get("repeats") or [])
         mean = r.get("dice_mean", r.get("dice_gmwm"))
         hd = r.get("hd95_mean", r.get("hd95_gmwm"))
         lines.append(f"| {r['case']} | {r['tool']} | {fmt(r['seconds'], 1)}{f' ({n})' if n > 1 else ''} | "
-                     f"{fmt(r.get('registration_s'), 1)} | **{fmt(mean, 3)}** ({r.get('headline', 'GM/WM')}) | "
+                     f"{fmt(r.get('cpu_s'), 1)} | {fmt(r.get('registration_s'), 1)} | **{fmt(mean, 3)}** ({r.get('headline', 'GM/WM')}) | "
                      f"{_dice_labels(r)} | {fmt(hd, 2)} | {fmt(r['sdlogj'], 3)} | {r['folding']} |")
     lines += ["", "Dice: the moving labels carried onto the fixed grid by the tool's field, nearest neighbour; mean "
               "Dice: of the labels in brackets (brains: k-means Atropos grey and white matter; rat lung: the lungs "
               "by one threshold rule). HD95: mean over the same labels. SDlogJ and folding (voxels with det J <= 0): "
               "inside the fixed brain (body) mask. Time: the whole process, wall clock (\"(3)\": the median of 3 "
-              "runs); reg. s: airlab's registration alone (metrics.json)."]
+              "runs); CPU s: user + system time of the (first) process, all its threads; reg. s: airlab's registration alone "
+              "(metrics.json)."]
     return "\n".join(lines)
 
 
