@@ -641,7 +641,8 @@ def _dice_labels(r: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| case | tool | time s | CPU s | reg. s | mean Dice | Dice per label | HD95 mm | SDlogJ | folding |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    order = list(dict.fromkeys(r["case"] for r in rows))  # a case's rows together, cases as first met
+    for r in sorted(rows, key=lambda r: order.index(r["case"])):
         if "error" in r:
             lines.append(f"| {r['case']} | {r['tool']} | failed: {r['error'].replace('|', '/')} | | | | | | | |")
             continue
