@@ -4,6 +4,8 @@
     python benchmarks/compare.py --quick              # smoke run: 2D and 2 mm, one repeat
     python benchmarks/compare.py --cases 2d,mni2 --tools airlab-diffeomorphic,ants --repeats 1
     python benchmarks/compare.py --remeasure RUN1 RUN2 --out NEW   # accuracy of earlier runs' fields again
+    python benchmarks/compare.py --real-cases coronal-2d,ratlung-2d --tools identity,airlab-diffeomorphic,ants
+    python benchmarks/compare.py --cases none --real-cases all      # only the real pairs of different subjects
 
 Every tool runs as a whole process from files to written outputs (python start, imports,
 reading, registering, writing are all on the clock): airlab through ``airlab register``, the
@@ -12,6 +14,14 @@ as an ITK displacement field on the fixed grid (mm, LPS, fixed point -> moving p
 are built once per run in OUT/work/ from the data shipped with airlab (and nilearn's 1 mm
 template), with known deformations, so the error of every tool is measured against the truth.
 Writes OUT/results.md, OUT/results.json and OUT/time_vs_error.png. See docs/benchmarks.md.
+
+``--real-cases`` adds pairs of different subjects (benchmarks/real_cases.py: Colin27 <-> MNI152,
+a 2D coronal pair, the rat lung), built from packages and cached in ``--real-cache``. They have
+no known transform: each tool is scored by the tissue (lung) labels its field carries, HD95,
+SDlogJ and folding, in a second table of results.md (``real_rows`` in results.json). The tools
+``identity`` (the headers alone) and ``ants-syncc`` (ANTs' slow inter-subject recipe) are meant
+for them; ``identity`` is skipped on the synthetic cases, whose table gives the error before
+registration.
 
 ``--remeasure`` runs no tool: it rebuilds the cases, checks that each earlier run's fixed and
 moving images are still the ones built now (a row whose inputs changed is reported as such, to
@@ -47,8 +57,10 @@ from airlab.transforms import DisplacementField, read_displacement_field
 HERE = Path(__file__).resolve().parent
 CASES = ["2d", "mni2", "mni1", "contrast", "oblique", "batch8"]
 QUICK_CASES = ["2d", "mni2"]
-AIRLAB = ["airlab-bspline", "airlab-diffeomorphic"]
+AIRLAB = ["airlab-bspline", "airlab-diffeomorphic"]  # the default airlab tools
+AIRLAB_PRESETS = AIRLAB + ["airlab-intersubject"]  # every airlab tool --tools accepts
 OTHERS = {"elastix": "itk-elastix", "ants": "antspyx", "fireants": "fireants"}  # tool -> pip package
+EXTRA = {"ants-syncc": "antspyx", "identity": None}  # tools only on request (identity: real cases only)
 DESCRIPTIONS = {
     "2d": "MNI152 axial slice, 1 mm, 2D",
     "mni2": "MNI152, 2 mm, 3D",
@@ -212,7 +224,7 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -233,14 +245,20 @@ def run_process(cmd: list, log: Path, timeout: float):
     if proc.returncode != 0:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         return None, None, (lines[-1] if lines else f"exit code {proc.returncode}")[:300]
-    seconds, kib = measured.read_text().split()
+    seconds, kib = measured.read_text().split()[:2]  # the third: CPU seconds (user + system), cpu_seconds()
     return float(seconds), int(kib) / 1024.0, None
+
+
+def cpu_seconds(log: Path):
+    """The CPU time (user + system, all threads) of the process :func:`run_process` logged in ``log``."""
+    fields = log.with_suffix(".rusage").read_text().split()
+    return float(fields[2]) if len(fields) > 2 else None
 
 
 def commands(tool: str, case: Case, out: Path, device: str) -> list:
     """The processes one repeat runs: one per pair, or one for a whole batch (airlab)."""
     metric = ["--metric", case.metric] if case.metric else []
-    if tool in AIRLAB:
+    if tool in AIRLAB_PRESETS:
         preset = tool.split("-", 1)[1]
         if len(case.pairs) > 1:
             return [[sys.executable, str(HERE / "tools" / "run_airlab_batch.py"), str(case.pairs[0].fixed), str(out),
@@ -249,15 +267,16 @@ def commands(tool: str, case: Case, out: Path, device: str) -> list:
         airlab = [str(exe)] if exe.exists() else [sys.executable, "-m", "airlab"]
         return [airlab + ["register", str(case.pairs[0].fixed), str(case.pairs[0].moving), "-o", str(out / "pair0"),
                           "--preset", preset, "--quiet", "--no-report", "--device", device, *metric]]
-    runner = str(HERE / "tools" / f"run_{tool}.py")
-    return [[sys.executable, runner, str(p.fixed), str(p.moving), str(out / f"pair{i}"), "--device", device, *metric]
-            for i, p in enumerate(case.pairs)]
+    syncc = tool == "ants-syncc"
+    runner = str(HERE / "tools" / ("run_ants.py" if syncc else f"run_{tool}.py"))
+    return [[sys.executable, runner, str(p.fixed), str(p.moving), str(out / f"pair{i}"), "--device", device, *metric,
+             *(["--transform", "SyNCC"] if syncc else [])] for i, p in enumerate(case.pairs)]
 
 
 def bench(tool: str, case: Case, args, work: Path) -> dict:
     row = {"case": case.name, "tool": tool}
-    if tool not in AIRLAB and version(OTHERS[tool]) is None:
-        return row | {"error": f"not installed (pip install {OTHERS[tool]})"}
+    if (missing := not_installed(tool)):
+        return row | {"error": missing}
     times, memory = [], []
     for rep in range(args.repeats):
         if rep and times[0] > args.repeat_under:  # a long run's noise is small against its time
@@ -279,6 +298,24 @@ def bench(tool: str, case: Case, args, work: Path) -> dict:
     measures = [measure(p, first / f"pair{i}" / "displacement.nii.gz") for i, p in enumerate(case.pairs)]
     row |= {k: float(np.mean([m[k] for m in measures])) for k in measures[0]}  # mean over pairs
     return row | {"seconds": statistics.median(times), "peak_mb": max(memory), "repeats": times}
+
+
+def not_installed(tool: str) -> str | None:
+    package = None if tool in AIRLAB_PRESETS else {**OTHERS, **EXTRA}[tool]
+    return f"not installed (pip install {package})" if package and version(package) is None else None
+
+
+def bench_real(tool: str, case, args, work: Path) -> dict:
+    """One tool on one real case (real_cases.py): the process run as for the synthetic cases
+    (repeats, --repeat-under), scored by the labels its field carries."""
+    import real_cases
+
+    if (missing := not_installed(tool)):
+        return {"case": case.name, "tool": tool, "error": missing}
+    folder = work / "real" / case.name / tool
+    cmd = real_cases.tool_command(tool, case, folder, args.device)
+    return real_cases.run_tool(tool, cmd, case, folder, args.timeout, repeats=args.repeats,
+                               repeat_under=args.repeat_under)
 
 
 def describe(case: Case) -> dict:
@@ -365,7 +402,7 @@ def fmt(value, digits):
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def markdown(header: dict, cases: list, rows: list) -> str:
+def markdown(header: dict, cases: list, rows: list, real_cases: list = (), real_rows: list = ()) -> str:
     v = header["versions"]
     lines = [
         "# airlab vs elastix, ANTs and FireANTs", "",
@@ -408,6 +445,11 @@ def markdown(header: dict, cases: list, rows: list) -> str:
               "labels, intensity > 20). Dice: the moving labels warped back onto the fixed grid by the tool's field. "
               "Folding: % of fixed voxels with a non-positive Jacobian determinant. Batch rows: time per pair, "
               "accuracy averaged over the 8 pairs. \"(3)\": the median of 3 runs; other times are one run.", ""]
+    if real_rows:
+        import real_cases as rc
+
+        lines += ["## Real cases (pairs of different subjects; no known transform)", "", rc.markdown(list(real_rows)), "",
+                  "Cases:"] + [f"- `{c['name']}`: {c['description']}" for c in real_cases] + [""]
     return "\n".join(lines)
 
 
@@ -441,9 +483,16 @@ def plot(rows: list, path: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list from {','.join(CASES)}")
-    parser.add_argument("--tools", default=None, help=f"comma list from {','.join(AIRLAB + list(OTHERS))} "
-                        "(default: airlab's presets and every installed tool)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list from {','.join(CASES)}; none for no "
+                        "synthetic case")
+    parser.add_argument("--real-cases", default="", metavar="NAMES",
+                        help="comma list of real_cases.py's cases (colin27-mni2, colin-mni-2mm-rev, colin-mni-1mm, "
+                        "coronal-2d, ratlung-2d) or all; default none")
+    parser.add_argument("--real-cache", type=Path, default=None,
+                        help="the real cases' data cache (default $AIRLAB_REAL_CACHE or ~/.cache/airlab/real)")
+    parser.add_argument("--tools", default=None, help=f"comma list from {','.join(AIRLAB_PRESETS + list(OTHERS) + list(EXTRA))} "
+                        "(default: airlab's bspline and diffeomorphic presets and every installed tool of "
+                        f"{', '.join(OTHERS)})")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case and tool; time is their median")
     parser.add_argument("--repeat-under", type=float, default=60.0, metavar="SECONDS",
                         help="only a tool whose first run of a case took less than this (per pair) is repeated")
@@ -458,12 +507,20 @@ def main():
         args.repeats = 1
         if args.cases == ",".join(CASES):
             args.cases = ",".join(QUICK_CASES)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "none"]
     tools = ([t.strip() for t in args.tools.split(",") if t.strip()] if args.tools
              else AIRLAB + [t for t, pkg in OTHERS.items() if version(pkg)])
-    for name, known in ((cases, CASES), (tools, AIRLAB + list(OTHERS))):
+    for name, known in ((cases, CASES), (tools, AIRLAB_PRESETS + list(OTHERS) + list(EXTRA))):
         if bad := [x for x in name if x not in known]:
             parser.error(f"unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    import real_cases
+
+    try:
+        real_names = real_cases.case_names(args.real_cases)
+    except ValueError as exc:
+        parser.error(f"--real-cases: {exc}")
+    if args.remeasure and real_names:
+        parser.error("--remeasure measures the synthetic cases only; run the real cases without it")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     args.out = args.out.resolve()  # the tools run in their own folders
@@ -471,7 +528,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     header = machine() | {"device": args.device, "repeats": args.repeats, "repeat_under": args.repeat_under,
                           "command": shlex.join(["python", os.path.relpath(__file__)] + sys.argv[1:])}
-    case_info, rows = [], []
+    case_info, rows, real_info, real_rows = [], [], [], []
     if args.remeasure:
         runs = [p.resolve() for p in args.remeasure]
         if missing := [str(p) for p in runs if not (p / "results.json").is_file()]:
@@ -482,15 +539,16 @@ def main():
         header["remeasured"] = {p.name: json.loads((p / "results.json").read_text())["header"] for p in runs}
         case_info, rows = remeasure(runs, cases, tools if args.tools else AIRLAB + list(OTHERS), work)
         cases = []
+    synthetic_tools = [t for t in tools if t != "identity"]
     for name in cases:
         print(f"[{name}] building the data", flush=True)
         try:
             case = build_case(name, work)
         except Exception as exc:  # noqa: BLE001 - a case that cannot be built is reported, not fatal
-            rows += [{"case": name, "tool": t, "error": f"case not built: {exc}"} for t in tools]
+            rows += [{"case": name, "tool": t, "error": f"case not built: {exc}"} for t in synthetic_tools]
             continue
         case_info.append(describe(case))
-        for tool in tools:
+        for tool in synthetic_tools:
             print(f"[{name}] {tool} ...", end=" ", flush=True)
             try:
                 row = bench(tool, case, args, work)
@@ -500,12 +558,34 @@ def main():
             print(row["error"] if "error" in row else f"{row['seconds']:.1f} s, {row['peak_mb']:.0f} MB, "
                   f"EPE {row['epe_mean']:.3f} mm", flush=True)
         del case
+    for name in real_names:
+        print(f"[{name}] building the real case (cached after the first time)", flush=True)
+        try:
+            case = real_cases.build_real_case(name, args.real_cache, log=lambda m: print(m, flush=True))
+        except Exception as exc:  # noqa: BLE001 - e.g. no apt-get here: reported, not fatal
+            real_rows += [{"case": name, "tool": t, "error": f"case not built: {' '.join(str(exc).split())[:300]}"}
+                          for t in tools]
+            continue
+        real_info.append({"name": case.name, "description": case.description, "headline": case.headline_name})
+        for tool in tools:
+            print(f"[{name}] {tool} ...", end=" ", flush=True)
+            try:
+                row = bench_real(tool, case, args, work)
+            except Exception as exc:  # noqa: BLE001 - e.g. an output that cannot be read
+                row = {"case": name, "tool": tool, "error": " ".join(str(exc).split())[:300]}
+            real_rows.append(row)
+            print(row["error"] if "error" in row else f"{row['seconds']:.1f} s, mean {row['headline']} Dice "
+                  f"{row['dice_mean']:.3f}, folding {row['folding']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(markdown(header, case_info, rows))
+    (args.out / "results.md").write_text(markdown(header, case_info, rows, real_info, real_rows), encoding="utf-8")
     clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]  # no NaN
-    (args.out / "results.json").write_text(json.dumps({"header": header, "cases": case_info, "rows": clean}, indent=2))
+    output = {"header": header, "cases": case_info, "rows": clean}
+    if real_names:
+        output |= {"real_cases": real_info, "real_rows": [
+            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in real_rows]}
+    (args.out / "results.json").write_text(json.dumps(output, indent=2), encoding="utf-8")
     written = ["results.md", "results.json"]
-    if any("error" not in r for r in rows):
+    if any("error" not in r for r in rows):  # the synthetic cases' plot (real rows have no endpoint error)
         plot(rows, args.out / "time_vs_error.png")
         written.append("time_vs_error.png")
     print(f"results in {args.out}/ ({', '.join(written)})")
