@@ -344,3 +344,11 @@ def test_intersubject_preset_registers_with_a_dense_velocity(pair):
     inner = fixed.data[0, 0] > 20
     error = back.norm(dim=-1)[0][inner]
     assert float(error.mean()) < 0.05 * min(fixed.grid.spacing) and float(error.max()) < 0.3 * min(fixed.grid.spacing)
+
+
+def test_unknown_stage_interpolation_is_refused():
+    """A Python-built stage with an interpolation the engine does not know stops at once, instead
+    of silently sampling linearly."""
+    stage = Stage(Affine, [(1.0, MSE())], interpolation="cubic", name="affine")
+    with pytest.raises(ValueError, match="'affine': interpolation 'cubic'"):
+        Registration([stage], progress=False)

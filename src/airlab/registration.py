@@ -262,6 +262,10 @@ class Registration:
                  progress=True, callbacks: Sequence = (), seed: int | None = 0):
         if not stages:
             raise ValueError("a registration needs at least one stage")
+        for stage in stages:
+            if stage.interpolation not in ("linear", "bspline"):
+                raise ValueError(f"stage {stage.name!r}: interpolation {stage.interpolation!r}; choose 'linear' or "
+                                 "'bspline'")
         self.stages = list(stages)
         self.initialisation = initialisation
         self.normalise = normalise
