@@ -7,8 +7,7 @@ Dask scheduler process does not pay for torch, SimpleITK, pydantic or matplotlib
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+from ._lazy import lazy_names
 
 from .errors import AirlabError, ConfigError, ImageIOError, InputError, RegistrationError, TransformIOError
 
@@ -23,16 +22,4 @@ _LAZY = {"register": "api", "Image": "image", "read_image": "image", "write_imag
          "Grid": "spatial", "sample": "spatial"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f".{name}", __name__)  # a submodule: airlab.transforms, airlab.evaluate, ...
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # once: later look-ups do not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, __all__, submodules=True)

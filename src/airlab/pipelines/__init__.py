@@ -5,7 +5,7 @@ metric names the command line offers) is importable without pydantic, YAML or th
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_names
 
 from .names import METRICS, PRESETS
 
@@ -17,13 +17,4 @@ _LAZY = {**dict.fromkeys(["default_metric", "metric_term", "preset", "preset_pip
                           "pyramid", "validate"], "schema")}
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # once: later look-ups do not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, __all__)

@@ -6,7 +6,7 @@ command line needs for every command) does not bring in the engine."""
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_names
 
 __all__ = ["OUTPUTS", "Outputs", "as_image", "register_pair", "register_files", "write_outputs", "staged_output"]
 
@@ -15,13 +15,4 @@ _LAZY = {**dict.fromkeys(["OUTPUTS", "Outputs", "as_image", "register_files", "r
          "staged_output": "staging"}
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # once: later look-ups do not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, __all__)
