@@ -10,6 +10,10 @@ this process (no start-up or writing; process time, so that runs on a shared mac
   lung mask, SDlogJ, folded voxels in the mask);
 - ``synth``, ``contrast``: ``accuracy.py``'s 2 mm MNI case, seed 1 (mean and p95 endpoint error in
   grey and white matter), the second with grey and white matter swapped;
+- ``match``: on the ``synth`` case, the correlation (inside grey and white matter) of the fixed
+  image with the moving one warped by the true transform, sampled linearly and as a cubic
+  B-spline, and by the pipeline's transform, sampled linearly: whether the truth is the optimum
+  of a linearly sampled objective (docs/architecture.md, "Interpolation while optimising");
 - ``fair``: a known-deformation case built without the cubic interpolation that makes
   ``accuracy.py``'s moving images: both images are nilearn's 1 mm MNI152 smoothed and
   downsampled to 2 mm by the same filter, the moving one deformed at 1 mm first (the same
@@ -66,6 +70,27 @@ def synthetic(config, contrast: bool) -> dict:
     return row | {"cpu_s": time.process_time() - start}
 
 
+def match(config) -> dict:
+    import accuracy
+    import airlab as al
+    from airlab.datasets import mni152
+    from airlab.registration import Registration
+
+    fixed, labels = mni152()
+    _, moving, truth = accuracy.case(fixed, labels, 1)
+    brain = labels.data[0, 0] > 0
+
+    def correlation(transform, interpolation):
+        with torch.no_grad():
+            warped = al.resample(moving, fixed.grid, transform, interpolation=interpolation).data[0, 0]
+        pair = torch.stack([fixed.data[0, 0][brain].double(), warped[brain].double()])
+        return round(float(torch.corrcoef(pair)[0, 1]), 5)
+
+    result = Registration(config.build(fixed.grid), progress=False, **config.registration_options())(fixed, moving)
+    return {"truth_linear": correlation(truth, "linear"), "truth_cubic": correlation(truth, "bspline"),
+            "found_linear": correlation(result.transform, "linear")}
+
+
 def fair_case():
     import airlab as al
     from airlab.pyramid import downsample, level_grid
@@ -105,7 +130,7 @@ def fair(config, case) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipelines", nargs="+", help="preset names or YAML pipelines")
-    parser.add_argument("--what", default="real,synth,contrast", help="comma list of real, synth, contrast, fair")
+    parser.add_argument("--what", default="real,synth,contrast", help="comma list of real, synth, contrast, match, fair")
     parser.add_argument("--case", default="colin27-mni2", help="the real case (real_cases.py's names)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -123,6 +148,8 @@ def main():
                 r = synthetic(config, contrast)
                 row[key] = {"mean_mm": round(r["mean"], 3), "p95_mm": round(r["p95"], 3), "folding": r["folding"],
                             "cpu_s": round(r["cpu_s"], 1)}
+        if "match" in what:
+            row["match"] = match(config)
         if "fair" in what:
             r = fair(config, fair_data)
             row["fair"] = {"mean_mm": round(r["mean"], 3), "p95_mm": round(r["p95"], 3), "cpu_s": round(r["cpu_s"], 1)}
