@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                    # the 2 mm MNI152 case, default preset
     python benchmarks/profile_step.py --preset bspline --top 10 --out profile.md
+    python benchmarks/profile_step.py --fixed F --moving M   # any pair, e.g. compare.py's OUT/work/2d/*.nii.gz
 
 The case is benchmarks/accuracy.py's (the shipped 2 mm template and a copy deformed by the
 seeded known deformation, seed 1). Everything runs in one thread, and times are process times
@@ -29,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from airlab.datasets import mni152  # noqa: E402
+from airlab.image import read_image  # noqa: E402
 from airlab.pipelines import preset  # noqa: E402
 from airlab.registration import Registration  # noqa: E402
 
@@ -82,11 +84,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--top", type=int, default=6, help="operations listed per level")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fixed", type=Path, help="a pair of image files instead of the 2 mm case")
+    parser.add_argument("--moving", type=Path)
     args = parser.parse_args(argv)
+    if (args.fixed is None) != (args.moving is None):
+        parser.error("--fixed and --moving go together")
     torch.set_num_threads(1)
-    fixed, labels = mni152()
-    fixed = fixed.to(torch.float32)
-    _, moving, _ = case(fixed, labels, args.seed)
+    if args.fixed is None:
+        fixed, labels = mni152()
+        fixed = fixed.to(torch.float32)
+        _, moving, _ = case(fixed, labels, args.seed)
+        what = f"the 2 mm MNI152 case (seed {args.seed})"
+    else:
+        fixed, moving = (read_image(p).to(torch.float32) for p in (args.fixed, args.moving))
+        what = f"{args.fixed.name} <- {args.moving.name} ({'x'.join(map(str, fixed.grid.shape))} voxels)"
 
     clock = LevelClock()
     start = time.process_time()
@@ -98,7 +109,7 @@ def main(argv=None) -> int:
     profiler = LevelProfiler()
     Registration(preset(args.preset, fixed.grid), progress=False, callbacks=[profiler])(fixed, moving)
 
-    lines = [f"`python benchmarks/profile_step.py --preset {args.preset}`: the 2 mm MNI152 case (seed {args.seed}), "
+    lines = [f"`python benchmarks/profile_step.py --preset {args.preset}`: {what}, "
              f"1 thread, torch {torch.__version__}; process time {total:.2f} s for the registration "
              f"(set-up before the first level {clock.levels[0]['before_s']:.2f} s, after the last {after:.2f} s).", "",
              "| stage, level | iterations | s | ms per iteration | aten calls per iteration (nested included) | "
