@@ -143,7 +143,8 @@ def test_gradcheck(name, d, rng):
 def test_modules_registry_dtype():
     grid = Grid((6, 5, 4), spacing=(1.0, 1.5, 2.0))
     u = torch.randn(2, 3, *grid.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
-    assert set(REGULARISERS) == {"diffusion", "bending", "tv", "tv-l1", "sparsity", "folding"}
+    assert set(REGULARISERS) == {"diffusion", "bending", "tv", "tv-l1", "sparsity", "folding", "coefficients-l1",
+                                 "coefficients-l2", "coefficients-diffusion", "coefficients-tv", "coefficients-tv-l1"}
     assert REGULARISERS["diffusion"] is Diffusion and REGULARISERS["bending"] is BendingEnergy
     expected = {
         "diffusion": diffusion(u, grid),

@@ -27,6 +27,7 @@ from .landmarks import LANDMARK_WEIGHT, landmark_loss, landmark_pairs
 from .optim import Adam, FieldAdam
 from .progress import default_progress
 from .pyramid import Level, LevelData, Pyramid, level_grid, strided_views
+from .regularisers import ParameterRegulariser
 from .spatial import Grid, inside, sample
 from .transforms import Composite, LinearTransform, StationaryVelocityField, Transform, Affine
 
@@ -47,7 +48,9 @@ class Stage:
         losses: ``[(weight, loss_module), ...]``; a loss module is called as
             ``loss(fixed, warped, weight=mask, grid=level_grid) -> [N]``.
         regularisers: ``[(weight, module), ...]`` called as ``reg(displacement, level_grid) -> [N]``
-            on the displacement of this stage's transform alone.
+            on the displacement of this stage's transform alone; a
+            :class:`~airlab.regularisers.ParameterRegulariser` is called as
+            ``reg(*transform.coefficient_lattice())`` on its coefficients instead.
         levels: the pyramid, coarse to fine.
         optimizer: ``"adam"``, ``"field-adam"`` (:class:`~airlab.optim.FieldAdam`, for
             deformable transforms), ``"lbfgs"``, or ``(param_groups) -> torch.optim.Optimizer``.
@@ -380,11 +383,12 @@ class Registration:
             v = loss(fixed, warped, weight=weight, grid=data.grid)
             terms[next(names)] = v.detach()
             total = total + w * v
-        if stage.regularisers:
+        if any(not isinstance(reg, ParameterRegulariser) for _, reg in stage.regularisers):
             reg_grid = data.regulariser_grid or data.grid
             reg_disp = disp if reg_grid is data.grid else t.displacement(reg_grid)
         for w, reg in stage.regularisers:
-            v = reg(reg_disp, reg_grid)
+            # a coefficient penalty sees the lattice the optimiser moves, not the field it spans
+            v = reg(*t.coefficient_lattice()) if isinstance(reg, ParameterRegulariser) else reg(reg_disp, reg_grid)
             terms[next(names)] = v.detach()
             total = total + w * v
         if landmarks is not None:

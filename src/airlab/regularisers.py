@@ -43,6 +43,13 @@ __all__ = [
     "Sparsity",
     "JacobianFolding",
     "ParameterNorm",
+    "squared_norm",
+    "ParameterRegulariser",
+    "CoefficientL1",
+    "CoefficientL2",
+    "CoefficientDiffusion",
+    "CoefficientTV",
+    "CoefficientTVL1",
     "REGULARISERS",
 ]
 
@@ -188,10 +195,9 @@ def parameter_norm(params: torch.Tensor, order: int = 1) -> torch.Tensor:
     A penalty on a transform's parameters rather than on its displacement, for B-spline or kernel
     coefficients (``BSplineTransform.coefficients``, ``[N, D, *control.shape]``, mm): order 1
     favours few active control points, order 2 is weight decay. It needs no grid, and on
-    coefficients it depends on the control spacing, so it is not in :data:`REGULARISERS` (which
-    the engine calls as ``reg(displacement, grid)``); a stage uses it by adding
-    ``weight * parameter_norm(transform.coefficients, order)`` to its objective, beside the
-    loss and regulariser terms.
+    coefficients it depends on the control spacing, so it is not in :data:`REGULARISERS`; a
+    stage penalises its coefficients with the ``coefficients-l1``/``coefficients-l2`` terms
+    (:class:`CoefficientL1`, :class:`CoefficientL2`: per knot, summed over components).
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
@@ -284,6 +290,74 @@ class JacobianFolding(nn.Module):
         return f"threshold={self.threshold:g}"
 
 
+# --------------------------------------------------------------------------- coefficient lattices
+def squared_norm(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Mean over voxels of ``sum_i u_i^2`` (mm^2): :func:`sparsity`'s quadratic counterpart."""
+    _check(displacement, grid, differentiate=False)
+    return _voxel_mean(displacement.square().sum(dim=1))
+
+
+class ParameterRegulariser(nn.Module):
+    """A penalty on a transform's coefficient lattice instead of its displacement (AirLab's
+    ``regulariser.parameter``), called as ``penalty(coefficients, lattice) -> [N]`` with
+    ``coefficients [N, D, *lattice.shape]`` and ``lattice`` the knots' Grid (spacing in mm).
+
+    The engine passes ``transform.coefficient_lattice()`` to instances of this class and the
+    displacement to every other regulariser. The knots are treated as the voxels of a field, so
+    each penalty is the displacement function of the same name on the lattice: one
+    implementation, and derivatives in physical units (mm per mm of knot spacing).
+    """
+
+    def forward(self, coefficients: torch.Tensor, lattice: Grid) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class CoefficientL1(ParameterRegulariser):
+    """Mean over knots of ``sum_i |c_i|``: few active knots (AirLab's parameter sparsity)."""
+
+    def forward(self, coefficients: torch.Tensor, lattice: Grid) -> torch.Tensor:
+        return sparsity(coefficients, lattice)
+
+
+class CoefficientL2(ParameterRegulariser):
+    """Mean over knots of ``sum_i c_i^2``: weight decay on the coefficients."""
+
+    def forward(self, coefficients: torch.Tensor, lattice: Grid) -> torch.Tensor:
+        return squared_norm(coefficients, lattice)
+
+
+class CoefficientDiffusion(ParameterRegulariser):
+    """:func:`diffusion` of the coefficient lattice (AirLab's parameter ``DiffusionRegulariser``)."""
+
+    def forward(self, coefficients: torch.Tensor, lattice: Grid) -> torch.Tensor:
+        return diffusion(coefficients, lattice)
+
+
+class CoefficientTV(ParameterRegulariser):
+    """:func:`total_variation` of the coefficient lattice (AirLab's ``IsotropicTVRegulariser``)."""
+
+    def __init__(self, eps: float = 1e-3):
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps must be positive (it keeps the gradient finite), got {eps}")
+        self.eps = float(eps)
+
+    def forward(self, coefficients: torch.Tensor, lattice: Grid) -> torch.Tensor:
+        return total_variation(coefficients, lattice, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}"
+
+
+class CoefficientTVL1(ParameterRegulariser):
+    """:func:`total_variation_l1` of the coefficient lattice (AirLab's anisotropic ``TVRegulariser``)."""
+
+    def forward(self, coefficients: torch.Tensor, lattice: Grid) -> torch.Tensor:
+        return total_variation_l1(coefficients, lattice)
+
+
+# name -> module class; ParameterRegulariser subclasses see the coefficient lattice, the others
+# are called as reg(displacement, grid)
 REGULARISERS = {
     "diffusion": Diffusion,
     "bending": BendingEnergy,
@@ -291,4 +365,9 @@ REGULARISERS = {
     "tv-l1": TotalVariationL1,
     "sparsity": Sparsity,
     "folding": JacobianFolding,
+    "coefficients-l1": CoefficientL1,
+    "coefficients-l2": CoefficientL2,
+    "coefficients-diffusion": CoefficientDiffusion,
+    "coefficients-tv": CoefficientTV,
+    "coefficients-tv-l1": CoefficientTVL1,
 }

@@ -48,7 +48,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
 from ..errors import ConfigError
 from ..losses import LOSSES
 from ..pyramid import Level
-from ..regularisers import REGULARISERS
+from ..regularisers import REGULARISERS, ParameterRegulariser
 from ..registration import Stage
 from ..spatial import Grid
 from ..transforms import TRANSFORMS, TransformSpec
@@ -153,6 +153,10 @@ class StageConfig(_Strict):
         if wendland_only and self.transform != "wendland":
             raise ValueError(f"{', '.join(wendland_only)}: only for transform: wendland")
         velocity = self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic
+        lattice = [t.name for t in self.regularisers if issubclass(REGULARISERS[t.name], ParameterRegulariser)]
+        if lattice and (self.transform in LINEAR or self.transform == "dense-velocity"):
+            raise ValueError(f"regulariser {lattice[0]!r} penalises a coefficient lattice, which transform "
+                             f"{self.transform!r} does not have; use it with bspline, velocity or wendland")
         if self.symmetric and not velocity:
             raise ValueError("'symmetric' needs a velocity: transform velocity, dense-velocity, or wendland with "
                              "diffeomorphic: true")

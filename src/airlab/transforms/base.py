@@ -122,3 +122,9 @@ class Transform(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ndim={self.ndim}, batch_size={self.batch_size}"
+
+    def coefficient_lattice(self) -> tuple[torch.Tensor, Grid]:
+        """``(coefficients [N, D, *lattice.shape], lattice)`` of a kernel-on-a-lattice transform:
+        what the ``coefficients-*`` regularisers penalise. Only lattice families have one."""
+        raise ValueError(f"{type(self).__name__} has no coefficient lattice: coefficient penalties need "
+                         f"a B-spline, B-spline velocity or Wendland transform")

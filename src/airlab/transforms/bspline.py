@@ -141,3 +141,7 @@ class BSplineTransform(Transform):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, control={self.control}"
+
+    def coefficient_lattice(self) -> tuple[torch.Tensor, Grid]:
+        return self.coefficients, self.control
+

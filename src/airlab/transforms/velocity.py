@@ -156,6 +156,9 @@ class BSplineVelocityField(StationaryVelocityField):
     def regrid(self, grid: Grid) -> None:
         self.grid = grid
 
+    def coefficient_lattice(self) -> tuple[torch.Tensor, Grid]:
+        return self.spline.coefficient_lattice()
+
 
 class DenseVelocityField(StationaryVelocityField):
     """A stationary velocity held at every point of a grid that follows the pyramid: at each

@@ -135,6 +135,9 @@ class WendlandTransform(Transform):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order}, support={self.support:g}, control={self.control}"
 
+    def coefficient_lattice(self) -> tuple[torch.Tensor, Grid]:
+        return self.coefficients, self.control
+
 
 class KernelVelocityField(StationaryVelocityField):
     """A stationary velocity field given by a kernel transform (its displacement is the
@@ -157,3 +160,6 @@ class KernelVelocityField(StationaryVelocityField):
 
     def regrid(self, grid: Grid) -> None:
         self.grid = grid
+
+    def coefficient_lattice(self) -> tuple[torch.Tensor, Grid]:
+        return self.kernel.coefficient_lattice()
