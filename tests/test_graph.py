@@ -105,3 +105,97 @@ def test_demons_with_graph_diffusion_in_3d():
     assert errors["graph"] < 1.2 * errors["gaussian"], errors
     with pytest.raises(InputError, match="regulariser"):
         demons(fixed, moving, regulariser="laplace")
+
+
+def _sparse_laplacian(weights, grid, b):
+    """Batch element ``b``'s L built from the edge list with scipy, apart from airlab.graph.laplacian."""
+    import scipy.sparse as sp
+
+    index = np.arange(grid.numel).reshape(grid.shape)
+    rows, cols, values = [], [], []
+    for a, w in enumerate(weights):
+        axis = grid.ndim - 1 - a  # the array axis of ITK axis a
+        n = grid.shape[axis]
+        i, j = np.take(index, range(n - 1), axis).ravel(), np.take(index, range(1, n), axis).ravel()
+        v = w[min(b, w.shape[0] - 1)].numpy().ravel() / grid.spacing[a] ** 2
+        rows += [i, j]
+        cols += [j, i]
+        values += [v, v]
+    adjacency = sp.csr_matrix((np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+                              shape=(grid.numel, grid.numel))
+    return sp.diags(np.asarray(adjacency.sum(1)).ravel()) - adjacency
+
+
+@pytest.mark.parametrize("shape,spacing", [((11, 8), (1.0, 2.0)), ((6, 5, 7), (1.5, 1.0, 2.0))])
+def test_displacement_edges_match_a_sparse_reference(shape, spacing):
+    from scipy.sparse.linalg import expm_multiply
+
+    from airlab.graph import combine_edge_weights, displacement_edge_weights
+
+    grid = Grid(shape, spacing)
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 1, *grid.shape, generator=gen, dtype=torch.float64)
+    u = torch.randn(2, len(shape), *grid.shape, generator=gen, dtype=torch.float64)
+    moved = displacement_edge_weights(u, grid, scale=0.8)
+    weights = combine_edge_weights(edge_weights(image, grid, scale=3.0), moved)
+    # the first edge along ITK axis 0 (the last tensor axis), written out
+    step = u[1, :, *[0] * (len(shape) - 1), 1] - u[1, :, *[0] * (len(shape) - 1), 0]
+    expected = np.exp(-float(step.square().sum()) / 0.64) * np.exp(-3.0 * abs(float(image.flatten()[1] - image.flatten()[0])))
+    assert float(weights[0][1].flatten()[0]) == pytest.approx(expected, rel=1e-12)
+    assert [tuple(w.shape) for w in weights] == [tuple(w.shape) for w in moved] and moved[0].shape[0] == 2
+    got = graph_diffusion(u, weights, grid, time=1.5)
+    for b in range(2):
+        reference = expm_multiply(-1.5 * _sparse_laplacian(weights, grid, b), u[b].reshape(len(shape), -1).numpy().T)
+        np.testing.assert_allclose(got[b].reshape(len(shape), -1).numpy(), reference.T, atol=1e-8)
+    # a field that is the same everywhere leaves every edge open
+    same = displacement_edge_weights(torch.ones(1, len(shape), *grid.shape), grid)
+    assert all(bool((w == 1).all()) for w in same)
+
+
+def test_displacement_edges_bad_arguments():
+    from airlab.graph import displacement_edge_weights
+
+    grid = Grid((5, 4))
+    with pytest.raises(InputError, match="scale must be > 0"):
+        displacement_edge_weights(torch.zeros(1, 2, 4, 5), grid, scale=0)
+    with pytest.raises(InputError, match=r"is not \[N, 2, \*\(4, 5\)\]"):
+        displacement_edge_weights(torch.zeros(1, 1, 4, 5), grid)
+
+
+def test_demons_with_displacement_edges_in_3d():
+    """Edges that follow the image and the displacement together, on the shipped template at
+    8 mm, deformed by up to 6 mm: the similarity and the error improve, and the edges matter."""
+    import airlab as al
+    from airlab.datasets import mni152
+    from airlab.demons import demons
+    from airlab.filters import smooth_mm
+    from airlab.registration import Level
+    from airlab.synthetic import ground_truth, random_deformation
+
+    t1, _ = mni152()
+    grid = t1.grid.with_spacing(8.0)
+    with torch.no_grad():
+        fixed = al.resample(al.Image(smooth_mm(t1.data.float(), t1.grid, 3.0), t1.grid), grid)
+        deformation = random_deformation(grid, 2, max_displacement=6.0, max_rotation_deg=0, max_translation=0)
+        moving = al.resample(fixed, grid, deformation)
+    truth, _ = ground_truth(deformation, grid)
+    brain = fixed.data[0, 0] > 0.1 * fixed.data.max()
+    before = float(truth.field.norm(dim=1)[0][brain].mean())
+    found, mse = {}, {}
+    mse_before = float((moving.data - fixed.data).square().mean())
+    for edges in ("image", "both"):
+        result = demons(fixed, moving, levels=[Level(2, 8.0, 30), Level(1, 0.0, 30)], regulariser="graph",
+                        edge_scale=3.0, edges=edges, displacement_edge_scale=2.0)
+        with torch.no_grad():
+            found[edges] = result.transform.displacement(grid)
+            mse[edges] = float((result.warp(moving).data - fixed.data).square().mean())
+    assert mse["both"] < 0.5 * mse_before, (mse, mse_before)
+    error = float((found["both"] - truth.field).norm(dim=1)[0][brain].mean())
+    # measured: MSE 78.7 -> 27.3 (36.0 with image edges only); error 2.52 -> 1.43 mm (1.37)
+    assert error < 0.7 * before, (error, before)
+    assert float((found["both"] - found["image"]).abs().max()) > 1e-3
+    for bad, message in (({"edges": "graph"}, "unknown demons edges 'graph'"),
+                         ({"edges": "both", "regulariser": "gaussian"}, "needs regulariser='graph'"),
+                         ({"regulariser": "graph", "edges": "both", "displacement_edge_scale": 0.0}, "> 0 mm")):
+        with pytest.raises(InputError, match=message):
+            demons(fixed, moving, **bad)

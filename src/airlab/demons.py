@@ -17,7 +17,7 @@ import torch
 from .filters import gaussian_smooth, spatial_gradient
 from .image import Image
 from .errors import InputError, RegistrationError
-from .graph import edge_weights, graph_diffusion
+from .graph import combine_edge_weights, displacement_edge_weights, edge_weights, graph_diffusion
 from .inputs import check_contrast, check_image, check_pair_geometry, normalise as normalise_intensities
 from .pyramid import Level, prepare_level
 from .registration import Result
@@ -46,6 +46,8 @@ def demons(
     tolerance: float = 1e-4,
     regulariser: str = "gaussian",
     edge_scale: float = 10.0,
+    edges: str = "image",
+    displacement_edge_scale: float = 1.0,
 ) -> Result:
     """Register ``moving`` to ``fixed`` with diffeomorphic demons.
 
@@ -63,12 +65,22 @@ def demons(
             (:mod:`airlab.graph`), whose edges weigh ``exp(-edge_scale |fixed_a - fixed_b|)``
             (normalised intensities), so motion does not diffuse across the fixed image's edges
             (sliding organs).
+        edges: for ``regulariser="graph"``, what weakens an edge: ``"image"`` (the fixed image's
+            intensity step), ``"displacement"`` (the step of the current displacement, weight
+            ``exp(-|u_a - u_b|^2 / displacement_edge_scale^2)``, mm; recomputed every iteration)
+            or ``"both"`` (the product).
 
     Returns a :class:`Result` whose transform is ``Composite(field, initial)`` (or the field).
     """
     start = time.perf_counter()
     if regulariser not in ("gaussian", "graph"):
         raise InputError(f"unknown demons regulariser {regulariser!r}; choose 'gaussian' or 'graph'")
+    if edges not in ("image", "displacement", "both"):
+        raise InputError(f"unknown demons edges {edges!r}; choose 'image', 'displacement' or 'both'")
+    if edges != "image" and regulariser != "graph":
+        raise InputError(f"edges={edges!r} needs regulariser='graph' (a Gaussian has no edges)")
+    if not displacement_edge_scale > 0:
+        raise InputError(f"displacement_edge_scale must be > 0 mm, got {displacement_edge_scale}")
     if fixed.ndim != moving.ndim:
         raise RegistrationError(f"cannot register a {moving.ndim}D moving image to a {fixed.ndim}D fixed image")
     check_pair_geometry(fixed.grid, moving.grid)
@@ -98,7 +110,7 @@ def demons(
         voxel = min(g.spacing)
         grad_f = spatial_gradient(data.fixed, g)  # [N, C*D, ...] -> we use single-channel mean
         if regulariser == "graph":
-            edges = edge_weights(data.fixed, g, edge_scale)
+            image_edges = edge_weights(data.fixed, g, edge_scale) if edges != "displacement" else None
             diffusion_time = (sigma_diffusion * voxel) ** 2 / 2  # the heat kernel of that Gaussian
         values = []
         level_start = time.perf_counter()
@@ -123,7 +135,12 @@ def demons(
                 step = exponential(update, g, steps=4)
                 field = compose_displacements(step, field, g)
                 if sigma_diffusion > 0 and regulariser == "graph":
-                    field = graph_diffusion(field, edges, g, diffusion_time)
+                    # displacement edges follow the field the update has just changed
+                    weights = image_edges if edges == "image" else displacement_edge_weights(
+                        field, g, displacement_edge_scale)
+                    if edges == "both":
+                        weights = combine_edge_weights(image_edges, weights)
+                    field = graph_diffusion(field, weights, g, diffusion_time)
                 elif sigma_diffusion > 0:
                     field = gaussian_smooth(field, sigma_diffusion)
         history.append({"stage": "demons", "level": li, "shrink": level.shrink, "sigma_mm": level.sigma,

@@ -20,7 +20,7 @@ import torch
 from .errors import InputError
 from .spatial import Grid
 
-__all__ = ["edge_weights", "laplacian", "graph_diffusion"]
+__all__ = ["edge_weights", "laplacian", "graph_diffusion", "displacement_edge_weights", "combine_edge_weights"]
 
 
 def _axis(d: int, a: int) -> int:
@@ -87,3 +87,27 @@ def graph_diffusion(field: torch.Tensor, weights: list[torch.Tensor], grid: Grid
     coeff = torch.linalg.matrix_exp(-time * t.double())[..., :, 0].to(field.dtype)  # [N, C, m]
     out = sum(coeff[..., k].view(*norm.shape, *[1] * grid.ndim) * basis[k] for k in range(m))
     return (out * norm.view(*norm.shape, *[1] * grid.ndim)).reshape(shape)
+
+
+def displacement_edge_weights(displacement: torch.Tensor, grid: Grid, scale: float = 1.0) -> list[torch.Tensor]:
+    """Per ITK axis ``a``, ``exp(-|u(i+1) - u(i)|^2 / scale^2)`` of the edges along it (``u`` and
+    ``scale`` in mm), ``[N, *shape]`` one shorter along that axis (AirLab's
+    ``EdgeUpdaterDisplacementIntensities``): where neighbours already move apart (a sliding
+    interface the force has found), the edge weakens and diffusion stops blurring the two motions.
+    """
+    if displacement.dim() != grid.ndim + 2 or displacement.shape[1] != grid.ndim \
+            or tuple(displacement.shape[2:]) != grid.shape:
+        raise InputError(f"displacement of shape {tuple(displacement.shape)} is not [N, {grid.ndim}, *{grid.shape}]")
+    if not scale > 0:
+        raise InputError(f"the displacement edge scale must be > 0 mm, got {scale}")
+    return [torch.exp(-displacement.diff(dim=_axis(grid.ndim, a)).square().sum(1) / scale**2)
+            for a in range(grid.ndim)]
+
+
+def combine_edge_weights(*weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The product, axis by axis, of edge weights from :func:`edge_weights` and
+    :func:`displacement_edge_weights`: an edge is open only where every criterion leaves it open."""
+    out = list(weights[0])
+    for more in weights[1:]:
+        out = [w * v for w, v in zip(out, more)]
+    return out
