@@ -20,13 +20,19 @@ def run(name, *args):
 
 @pytest.mark.parametrize("name,args", [("affine_2d.py", ()), ("affine_3d.py", ()), ("bspline_2d.py", ()),
                                        ("diffeomorphic_2d.py", ()), ("demons_2d.py", ()), ("kernel_2d.py", ()),
-                                       ("kernel_2d.py", ("--diffeomorphic",))])
+                                       ("kernel_2d.py", ("--diffeomorphic",)), ("kernel_3d.py", ()),
+                                       ("kernel_3d.py", ("--diffeomorphic",))])
 def test_example_recovers_the_known_transform(name, args):
     out = run(name, *args)
     after, before = map(float, ERROR.search(out).groups())
     assert after < 0.7 * before, out
     if name == "diffeomorphic_2d.py":
         assert "folded pixels: 0;" in out
+    if name == "kernel_3d.py":
+        # the kernel stage itself ran (two levels of at most 8 iterations with --fast) and moved its knots
+        kind = "KernelVelocityField" if args else "WendlandTransform"
+        ran = re.search(rf"last stage: {kind}, (\d+) iterations, largest coefficient ([\d.]+) mm", out)
+        assert ran and 0 < int(ran.group(1)) <= 2 * 8 and float(ran.group(2)) > 0.1, out
 
 
 def test_landmarks_example():
@@ -37,6 +43,6 @@ def test_landmarks_example():
 
 def test_every_example_is_tested():
     tested = {"affine_2d.py", "affine_3d.py", "bspline_2d.py", "diffeomorphic_2d.py", "demons_2d.py",
-              "kernel_2d.py", "landmarks_2d.py"}
+              "kernel_2d.py", "kernel_3d.py", "landmarks_2d.py"}
     # custom_loss.py has no --fast (it runs the whole bspline preset); test_engine plugs a loss in
     assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == tested | {"custom_loss.py"}
