@@ -5,6 +5,9 @@ reaching 32 mm, after rigid and affine stages, recovering a known deformation of
 ``kernel_3d.yaml`` beside this file (``airlab register F M -o out --config kernel_3d.yaml``).
 
     python examples/kernel_3d.py [--fast] [--diffeomorphic]    # --fast: a 4 mm copy, a few iterations
+
+Measured (2 mm, two shared CPU cores): mean endpoint error 0.31 mm in the head (3.47 mm before),
+95th percentile 0.69 mm, 289 s.
 """
 
 import argparse
