@@ -30,7 +30,8 @@ def crop(image: Image, lower: Sequence[int], upper: Sequence[int]) -> Image:
     lower, upper = np.asarray(lower, dtype=int), np.asarray(upper, dtype=int)
     if lower.shape != (g.ndim,) or upper.shape != (g.ndim,) or (lower < 0).any() or (upper > g.size).any() \
             or (upper <= lower).any():
-        raise InputError(f"crop box {tuple(lower.tolist())}..{tuple(upper.tolist())} is not inside the image of size {g.size}")
+        raise InputError(f"crop box {tuple(lower.tolist())}..{tuple(upper.tolist())} is not inside the image "
+                         f"of size {g.size}")
     origin = (g.index_to_physical_matrix() @ np.append(lower, 1.0))[: g.ndim]
     # tensor axis 2 + k is ITK axis d - 1 - k
     slices = [slice(None), slice(None)] + [slice(lower[a], upper[a]) for a in reversed(range(g.ndim))]
