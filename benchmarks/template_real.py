@@ -21,7 +21,11 @@ inside the template's foreground), each image's labels carried onto the template
 its transform (nearest neighbour), Dice per tissue against the template's segmentation; the
 table gives the group's mean GM/WM Dice and each tissue's mean. Time: process CPU time of each
 tool's part with one thread (OMP/ITK threads = 1; the machine is shared, wall times are not
-comparable) and wall time. A picture of the three planes of both templates is written to
+comparable) and wall time. Sharpness: :func:`airlab.groupwise.sharpness` (mean gradient magnitude
+in the foreground) over the foreground's 99th intensity percentile, so that templates of different
+intensity scales compare; the inputs' values are printed beside. ``--score-existing`` scores the
+templates and transforms a finished run left in ``--out`` without building them again (no times).
+A picture of the three planes of both templates is written to
 ``docs/template_real.png`` with ``--picture``.
 """
 
@@ -83,6 +87,14 @@ def dice_to_template(template: Path, warped_labels: list[np.ndarray]) -> dict:
     return out
 
 
+def relative_sharpness(path) -> float:
+    from airlab.groupwise import foreground, sharpness
+
+    image = al.read_image(str(path)).to(torch.float64)
+    inside = foreground(image.data).bool().reshape(image.data.shape)
+    return sharpness(image) / float(torch.quantile(image.data[inside], 0.99))
+
+
 def run_airlab(group, out: Path, iterations: int) -> dict:
     from airlab.template import TemplateProgress, build
 
@@ -100,14 +112,22 @@ def run_airlab(group, out: Path, iterations: int) -> dict:
         warped.append(moved.data[0, 0].numpy())
     run_wall = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["wall_time_s"]
     return {"template": summary.template, "cpu_s": cpu, "wall_s": wall, "run_wall_s": run_wall,
-            "resumed_from": summary.resumed_from, **dice_to_template(summary.template, warped)}
+            "resumed_from": summary.resumed_from, "sharpness": relative_sharpness(summary.template),
+            **dice_to_template(summary.template, warped)}
 
 
-def run_ants(group, out: Path, iterations: int) -> dict:
+def run_ants(group, out: Path, iterations: int, existing: bool = False) -> dict:
     import ants
 
     out.mkdir(parents=True, exist_ok=True)
     images = [ants.image_read(str(p)) for _, p, _ in group]
+    if existing:
+        template = ants.image_read(str(out / "template.nii.gz"))
+        transforms = [[str(out / f"final{k}_final{k}_1Warp.nii.gz"), str(out / f"final{k}_final{k}_0GenericAffine.mat")]
+                      for k in range(len(images))]
+        return {"template": out / "template.nii.gz", "cpu_s": float("nan"), "wall_s": float("nan"),
+                "sharpness": relative_sharpness(out / "template.nii.gz"),
+                **dice_to_template(out / "template.nii.gz", warp_labels(group, template, transforms, out))}
     cpu, wall = time.process_time(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ants-template-") as tmp:
         template = ants.build_template(image_list=images, iterations=iterations, output_dir=tmp)
@@ -120,6 +140,14 @@ def run_ants(group, out: Path, iterations: int) -> dict:
                 Path(f).replace(target) if Path(f).exists() else None
             transforms.append([str(out / f"final{k}_{Path(f).name}") for f in reg["fwdtransforms"]])
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"template": out / "template.nii.gz", "cpu_s": cpu, "wall_s": wall,
+            "sharpness": relative_sharpness(out / "template.nii.gz"),
+            **dice_to_template(out / "template.nii.gz", warp_labels(group, template, transforms, out))}
+
+
+def warp_labels(group, template, transforms, out: Path) -> list[np.ndarray]:
+    import ants
+
     warped = []
     for (_, _, labels), tx in zip(group, transforms):
         moved = ants.apply_transforms(fixed=template, moving=ants.image_read(str(labels)), transformlist=tx,
@@ -127,8 +155,7 @@ def run_ants(group, out: Path, iterations: int) -> dict:
         path = out / "moved_labels.nii.gz"
         ants.image_write(moved, str(path))
         warped.append(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.int16))
-    return {"template": out / "template.nii.gz", "cpu_s": cpu, "wall_s": wall,
-            **dice_to_template(out / "template.nii.gz", warped)}
+    return warped
 
 
 def picture(rows: list[tuple[str, Path]], path: Path) -> None:
@@ -155,6 +182,8 @@ def main():
     parser.add_argument("--ants-iterations", type=int, default=3, help="ants.build_template iterations (its default)")
     parser.add_argument("--picture", type=Path, default=None, help="write the templates' planes here (PNG)")
     parser.add_argument("--tools", default="airlab,ants")
+    parser.add_argument("--score-existing", action="store_true",
+                        help="score the templates a finished run left in --out (ANTs is not run again)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="airlab-template-real-")
@@ -167,15 +196,17 @@ def main():
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in results["airlab template"].items()}),
               flush=True)
     if "ants" in args.tools:
-        results["ants.build_template"] = run_ants(group, out / "ants", args.ants_iterations)
+        results["ants.build_template"] = run_ants(group, out / "ants", args.ants_iterations, args.score_existing)
         print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in results["ants.build_template"].items()}),
               flush=True)
     print(f"\n{len(group)} images: {', '.join(n for n, _, _ in group)}; airlab {al.__version__}, one thread\n")
-    print("| tool | mean GM/WM Dice to its template | CSF | GM | WM | process CPU s | wall s |")
-    print("|---|---|---|---|---|---|---|")
+    inputs = ", ".join(f"{n} {relative_sharpness(p):.4f}" for n, p, _ in group[:2])
+    print(f"sharpness (per 99th percentile) of the inputs: {inputs}\n")
+    print("| tool | mean GM/WM Dice to its template | CSF | GM | WM | sharpness | process CPU s | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
     for tool, r in results.items():
-        print(f"| {tool} | {r['gm_wm']:.3f} | {r['csf']:.3f} | {r['gm']:.3f} | {r['wm']:.3f} | {r['cpu_s']:.0f} | "
-              f"{r['wall_s']:.0f} |")
+        print(f"| {tool} | {r['gm_wm']:.3f} | {r['csf']:.3f} | {r['gm']:.3f} | {r['wm']:.3f} | {r['sharpness']:.4f} | "
+              f"{r['cpu_s']:.0f} | {r['wall_s']:.0f} |")
     if args.picture:
         picture([(tool, r["template"]) for tool, r in results.items()], args.picture)
         print(f"\npicture: {args.picture}")
