@@ -193,7 +193,7 @@ def _demons_and_template(out, gen):
     f, m = _smooth_image(gen, grid.shape), _smooth_image(gen, grid.shape)
     result = demons(Image(f, grid), Image(m, grid), levels=(Level(1, 0.0, 3),), tolerance=0.0)
     out["demons.field"] = result.transform.displacement(grid).detach()
-    out["template.sharpness"] = torch.tensor(sharpness(Image(f, grid), torch.ones(grid.shape, dtype=torch.bool)))
+    out["template.sharpness"] = torch.tensor(sharpness(Image(f, grid), torch.ones(grid.shape, dtype=torch.bool)), dtype=DT)
     out["template.sharpen"] = sharpen(Image(f, grid), 0.5).data
 
 
@@ -244,7 +244,10 @@ def test_numbers_are_pinned(computed, pinned, group):
         # rounding noise around 0 (a symmetric field's zero derivatives)
         scale = expected.abs().max().clamp_min(1e-300)
         err = float((got - expected).abs().max() / scale)
-        assert err <= 1e-12, f"{name}: relative error {err:.3g}"
+        # demons computes in float32 whatever its input: rounding there is 1e-7, and three
+        # iterations amplify it
+        tolerance = 1e-12 if got.dtype == torch.float64 else 1e-5
+        assert err <= tolerance, f"{name}: relative error {err:.3g}"
 
 
 if __name__ == "__main__":
