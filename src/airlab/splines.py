@@ -1,4 +1,6 @@
-"""Uniform cubic B-splines: basis weights, the interpolating prefilter and evaluation.
+"""Interpolation weights and uniform cubic B-splines: basis weights, the per-axis weight
+matrices of linear and cubic interpolation (the one home of both), the interpolating prefilter
+and evaluation.
 
 Shared by cubic B-spline image interpolation (:func:`bspline_interpolate`, which matches ITK's
 ``BSplineInterpolateImageFunction`` of order 3 with its mirror boundary) and the B-spline
@@ -17,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .spatial import apply_axis_weights, sample_index  # noqa: F401  (apply_axis_weights: used by transforms.bspline)
+from .grid import sample_index
 
 _POLE = math.sqrt(3.0) - 2.0
 
@@ -84,7 +86,24 @@ def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "m
     return out
 
 
-def axis_weights(positions: torch.Tensor, n: int, boundary: str = "border", valid=None) -> torch.Tensor:
+def linear_axis_weights(position: torch.Tensor, n: int, outside: bool) -> torch.Tensor:
+    """``[len(position), n]`` linear interpolation weights at continuous indices along one axis,
+    the edge value repeated beyond the ends; rows outside ITK's buffer are zero if ``outside``."""
+    clamped = position.clamp(0, n - 1)
+    lo = clamped.floor().clamp(max=max(n - 2, 0))
+    w = clamped - lo
+    rows = torch.arange(len(position), device=position.device)
+    out = position.new_zeros(len(position), n)
+    lo = lo.long()
+    out[rows, lo] = 1 - w
+    if n > 1:
+        out[rows, lo + 1] += w
+    if outside:
+        out = out * ((position >= -0.5) & (position < n - 0.5)).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def cubic_axis_weights(positions: torch.Tensor, n: int, boundary: str = "border", valid=None) -> torch.Tensor:
     """Dense ``[len(positions), n]`` matrix of cubic B-spline weights along one axis.
 
     Row ``j`` holds the weights of the knots that contribute at continuous index

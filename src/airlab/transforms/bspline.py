@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import splines
+from ..filters import apply_axis_weights
 from ..spatial import Grid
 from .base import Transform
 
@@ -109,11 +110,11 @@ class BSplineTransform(Transform):
                 j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
                 u = to_index[a, a] * j + to_index[a, self.ndim]
                 valid = (u >= 1 - _EDGE) & (u <= self.control.size[a] - 2 + _EDGE)
-                matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
+                matrices.append(splines.cubic_axis_weights(u, self.control.size[a], "border", valid))
             if len(cache) >= 4:
                 cache.clear()
             cache[key] = matrices
-        return splines.apply_axis_weights(c, cache[key])
+        return apply_axis_weights(c, cache[key])
 
     @torch.no_grad()
     def refine(self) -> None:
