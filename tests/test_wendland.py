@@ -142,3 +142,25 @@ def test_yaml_pipeline_registers_the_shipped_slice(tmp_path):
     assert type(out.result.stages[-1]).__name__ == "WendlandTransform"
     # measured 0.77 mm vs 1.22 mm (the full-length pipeline of docs reaches 0.23 mm)
     assert errors["wendland"] < 0.75 * errors["affine"], errors
+
+
+def test_kernel_weight_caches_are_attributes_that_copy_and_pickle():
+    """The B-spline's and Wendland's per-grid weights are attributes from ``__init__`` (issue 12):
+    a filled cache travels with a deep copy or a pickle, and the copy evaluates the same."""
+    import copy
+    import pickle
+
+    from airlab.transforms import BSplineTransform
+
+    grid = Grid((12, 10), (1.5, 1.2))
+    bspline = BSplineTransform(grid, 5.0, dtype=torch.float64)
+    restored = BSplineTransform.from_control_grid(bspline.control, bspline.coefficients.detach())
+    for t in (bspline, restored, WendlandTransform(grid, 5.0, dtype=torch.float64)):
+        cache = t._grid_weights if isinstance(t, WendlandTransform) else t._axis_weights
+        assert cache == {}
+        with torch.no_grad():
+            t.coefficients.normal_()
+        field = t.displacement(grid)
+        assert len(cache) == 1
+        for other in (copy.deepcopy(t), pickle.loads(pickle.dumps(t))):
+            torch.testing.assert_close(other.displacement(grid), field, rtol=0, atol=0)

@@ -19,7 +19,7 @@ __all__ = ["Grid", "Image", "read_image", "write_image", "resample", "sample", "
 
 # public name -> the submodule that defines it; imported when first asked for
 _LAZY = {"register": "api", "Image": "image", "read_image": "image", "write_image": "image", "resample": "image",
-         "Grid": "spatial", "sample": "spatial"}
+         "Grid": "grid", "sample": "spatial"}
 
 
 __getattr__, __dir__ = lazy_names(__name__, _LAZY, __all__, submodules=True)

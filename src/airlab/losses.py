@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .filters import apply_axis_weights, box_kernel, convolution_matrix, gaussian_kernel, index_gradient
 from .spatial import Grid
 from .splines import cubic_derivatives, cubic_weights
 
@@ -163,47 +164,9 @@ def _lncc_window(radius: int, kernel: str, dtype, device) -> torch.Tensor | None
     """Normalised 1D window of length ``2 r + 1`` (``None`` for ``r = 0``: no smoothing)."""
     if radius == 0:
         return None
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     if kernel == "box":
-        k = torch.ones_like(x)
-    else:  # gaussian with sigma = r / 2, truncated at r = 2 sigma
-        k = torch.exp(-0.5 * (x / (radius / 2.0)).square())
-    return k / k.sum()
-
-
-def _convolution_matrix(window: torch.Tensor, length: int) -> torch.Tensor:
-    """``[length, length]`` banded (Toeplitz) matrix of a centred 1D convolution, zero padded.
-
-    Zero padding is deliberate: the filtered quantities are weighted sums, and voxels beyond the
-    border carry no weight, so windows are simply truncated there.
-    """
-    r = window.numel() // 2
-    i = torch.arange(length, device=window.device)
-    offset = i.view(1, -1) - i.view(-1, 1)  # column - row
-    taps = window[(offset + r).clamp(0, 2 * r)]
-    return torch.where(offset.abs() <= r, taps, torch.zeros_like(taps))
-
-
-def _separable_filter(x: torch.Tensor, windows: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Filter ``x [B, 1, *S]`` with one 1D window per tensor axis ("same" size, zero padding).
-
-    Each 1D convolution is applied as a product with its banded matrix along that axis (as
-    :func:`airlab.spatial.apply_axis_weights` does): on CPU this is several times faster than
-    ``conv3d`` with a 1D-shaped kernel, whose backward pass is slower still, and on CUDA it is
-    computed in full float32 by default (unless ``torch.set_float32_matmul_precision`` was
-    lowered), whereas cuDNN convolutions default to TF32, too coarse for the
-    ``E[x^2] - E[x]^2`` that follows.
-    """
-    for axis, window in enumerate(windows):
-        if window is None:
-            continue
-        dim = 2 + axis
-        matrix = _convolution_matrix(window, x.shape[dim])
-        moved = torch.movedim(x, dim, -1)
-        # one flat matrix product (a batched one of many tiny products is far slower on CPU)
-        filtered = moved.reshape(-1, moved.shape[-1]) @ matrix.T
-        x = torch.movedim(filtered.view(moved.shape), -1, dim)
-    return x
+        return box_kernel(radius, dtype, device)
+    return gaussian_kernel(radius / 2.0, dtype=dtype, device=device, radius=radius)  # truncated at 2 sigma
 
 
 def _standardise(x: torch.Tensor, weight, weight_sum) -> torch.Tensor:
@@ -248,8 +211,8 @@ def lncc(
     Windows with (relative) local variance product well below ``eps`` -- flat regions -- give
     ``cc ~ 0``, as in ANTs.
 
-    The windows are applied as separable 1D convolutions, one axis at a time (see
-    :func:`_separable_filter`).
+    The windows are applied as separable 1D convolutions, one axis at a time (banded matrices,
+    :func:`airlab.filters.apply_axis_weights`).
     """
     fixed, moving, weight, weight_sum = _prepare(fixed, moving, weight)
     if kernel not in LNCC_KERNELS:
@@ -258,8 +221,7 @@ def lncc(
     radii = _per_axis(radius, d, "radius")
     if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0 for r in radii):
         raise ValueError(f"radius must be non-negative integers (voxels), got {radius!r}")
-    # ITK order -> tensor axis order
-    windows = [_lncc_window(int(r), kernel, moving.dtype, moving.device) for r in reversed(radii)]
+    windows = [_lncc_window(int(r), kernel, moving.dtype, moving.device) for r in radii]
 
     f = _standardise(fixed, weight, weight_sum)
     m = _standardise(moving, weight, weight_sum)
@@ -269,19 +231,22 @@ def lncc(
 
 
 def _local_moments(f: torch.Tensor, m: torch.Tensor, weight, windows):
-    """Weighted local means, variances and covariance of ``f, m [N, C, *S]`` over ``windows``.
+    """Weighted local means, variances and covariance of ``f, m [N, C, *S]`` over ``windows``
+    (one 1D window or ``None`` per axis, ITK order).
 
     Each moment is a ratio of window sums, ``sum(k w x) / sum(k w)``, so voxels of weight 0 and
     voxels beyond the border enter no window. Returns ``(mean_f, mean_m, var_f, var_m, cov)``.
     """
     n, c, spatial = f.shape[0], f.shape[1], f.shape[2:]
+    # zero padding: voxels beyond the border carry no weight, so windows are truncated there
+    matrices = [None if k is None else convolution_matrix(k, size, "zeros") for k, size in zip(windows, spatial[::-1])]
     w = weight if weight is not None else f.new_ones((1, 1, *spatial))
     # Local weight; positive wherever w is, since every window contains its centre voxel.
     tiny = torch.finfo(f.dtype).eps ** 2  # only guards windows with no weight at all
-    local_w = _separable_filter(w, windows).clamp_min(tiny).unsqueeze(2)  # [Nw, 1, 1, *S]
+    local_w = apply_axis_weights(w, matrices).clamp_min(tiny).unsqueeze(2)  # [Nw, 1, 1, *S]
     wf, wm = w * f, w * m
     sums = torch.stack((wf, wm, wf * f, wm * m, wf * m), dim=2)  # [N, C, 5, *S]
-    local = _separable_filter(sums.reshape(n * c * 5, 1, *spatial), windows)
+    local = apply_axis_weights(sums.reshape(n * c * 5, 1, *spatial), matrices)
     mean_f, mean_m, ff, mm, fm = (local.view(n, c, 5, *spatial) / local_w).unbind(2)
     var_f = (ff - mean_f.square()).clamp_min(0)  # rounding can push a flat window below 0
     var_m = (mm - mean_m.square()).clamp_min(0)
@@ -452,7 +417,7 @@ def nmi(fixed, moving, weight=None, *, bins=32, fixed_range=None, moving_range=N
 
 
 # --------------------------------------------------------------------------- NGF
-def _physical_gradient(x: torch.Tensor, spacing: Sequence[float]) -> list[torch.Tensor]:
+def _axis_gradients(x: torch.Tensor, spacing: Sequence[float]) -> list[torch.Tensor]:
     """Central differences along each tensor axis in physical units (one-sided at the border).
 
     Axes of size 1 have no gradient and are skipped. The components are along the grid axes, not
@@ -461,9 +426,7 @@ def _physical_gradient(x: torch.Tensor, spacing: Sequence[float]) -> list[torch.
     """
     d = x.dim() - 2
     steps = tuple(reversed(spacing))  # ITK order -> tensor axis order
-    return [
-        torch.gradient(x, spacing=float(steps[k]), dim=2 + k)[0] for k in range(d) if x.shape[2 + k] > 1
-    ]
+    return [index_gradient(x, 2 + k, float(steps[k]), edge_order=1) for k in range(d) if x.shape[2 + k] > 1]
 
 
 def ngf(
@@ -492,7 +455,7 @@ def ngf(
         raise ValueError(f"spacing must be positive, got {spacing}")
 
     def fields(x):
-        grads = _physical_gradient(x, spacing)
+        grads = _axis_gradients(x, spacing)
         if not grads:  # a single voxel has no gradient
             zero = torch.zeros_like(x)
             return [zero], zero, torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
@@ -510,15 +473,6 @@ def ngf(
 
 # --------------------------------------------------------------------------- SSIM
 SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004
-
-
-def _gaussian_window(sigma: float, dtype, device) -> torch.Tensor:
-    """Normalised Gaussian taps truncated at ``int(3.5 sigma + 0.5)`` voxels: scipy's and
-    scikit-image's radius (5 for sigma 1.5: the 11-tap window of Wang et al.)."""
-    radius = int(3.5 * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
-    k = torch.exp(-0.5 * (x / sigma).square())
-    return k / k.sum()
 
 
 def _data_range(fixed: torch.Tensor, weight) -> torch.Tensor:
@@ -558,7 +512,10 @@ def _ssim_map(fixed, moving, weight, *, data_range, sigma):
     offset = _per_channel(_mean(fixed.detach(), weight, weight_sum), fixed)
     scale = _per_channel(scale, fixed)
     f, m = (fixed - offset) / scale, (moving - offset) / scale
-    windows = [_gaussian_window(float(sigma), f.dtype, f.device)] * (f.dim() - 2)
+    # scipy's and scikit-image's radius, int(3.5 sigma + 0.5): the 11-tap window of Wang et al.
+    # for sigma 1.5
+    window = gaussian_kernel(float(sigma), dtype=f.dtype, device=f.device, radius=int(3.5 * float(sigma) + 0.5))
+    windows = [window] * (f.dim() - 2)
     mean_f, mean_m, var_f, var_m, cov = _local_moments(f, m, weight, windows)
     mean_f, mean_m = mean_f + offset / scale, mean_m + offset / scale
     c1, c2 = SSIM_K1**2, SSIM_K2**2

@@ -3,7 +3,7 @@
 Every function takes a displacement ``[N, D, *grid.shape]`` (channel ``c`` is the mm component
 ``c`` in ITK order) and returns one value per batch element, ``[N]``, to be minimised.
 
-Derivatives are finite differences along the voxel axes (:func:`index_gradient`, the numbers of
+Derivatives are finite differences along the voxel axes (:func:`airlab.filters.index_gradient`, the numbers of
 ``torch.gradient(edge_order=2)``: central inside, second-order one-sided at the borders, so
 fields up to quadratic are differentiated exactly everywhere), taken with respect to the
 continuous index and converted to physical coordinates by the chain rule. The index->physical
@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# index_gradient: imported from here by users and tests since before it moved to filters
+from .filters import index_gradient, physical_gradient  # noqa: F401
 from .spatial import Grid
 
 __all__ = [
@@ -68,42 +70,10 @@ def _check(displacement: torch.Tensor, grid: Grid, differentiate: bool = True) -
         raise ValueError(f"finite differences need 3 voxels along every axis, grid size is {grid.size}")
 
 
-def index_gradient(field: torch.Tensor, dim: int, spacing: float = 1.0) -> torch.Tensor:
-    """``torch.gradient(field, spacing=spacing, dim=dim, edge_order=2)[0]`` in a few operations.
-
-    Extending the field by one quadratically extrapolated sample at each end
-    (``x[-1] = 3 x[0] - 3 x[1] + x[2]``) turns the second-order one-sided border differences
-    into central ones, so one subtraction covers every voxel. ``torch.gradient`` builds the
-    borders and the inside separately: about ten times the operations, forward and backward,
-    which dominates a regulariser on the coarse grids where it is evaluated.
-    """
-    x0, x1, x2 = (field.narrow(dim, k, 1) for k in range(3))
-    y0, y1, y2 = (field.narrow(dim, field.shape[dim] - 1 - k, 1) for k in range(3))
-    padded = torch.cat((3 * (x0 - x1) + x2, field, 3 * (y0 - y1) + y2), dim)
-    n = field.shape[dim]
-    return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * (0.5 / spacing)
-
-
-def _physical_gradient(field: torch.Tensor, grid: Grid, rotate: bool = True) -> torch.Tensor:
-    """``d field_c / dx_j`` of ``field [N, C, *shape]`` as ``[N, C, D, *shape]``.
-
-    ``rotate=False`` differentiates along the grid axes in mm instead: the same up to the
-    rotation of the grid's (orthonormal) direction, which norms over ``j`` do not see.
-    """
-    d = grid.ndim
-    if not rotate:
-        # tensor axis d + 1 - a is ITK index axis a
-        return torch.stack([index_gradient(field, d + 1 - a, float(grid.spacing[a])) for a in range(d)], dim=2)
-    by_index = torch.stack([index_gradient(field, d + 1 - a) for a in range(d)], dim=2)
-    m_inv = np.linalg.inv(grid.index_to_physical_matrix()[:d, :d])
-    m_inv = torch.as_tensor(m_inv, dtype=field.dtype, device=field.device)
-    return torch.einsum("nca...,aj->ncj...", by_index, m_inv)
-
-
 def jacobian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``[N, D, D, *shape]`` with entry ``[i, j] = d u_i / d x_j`` (physical coordinates)."""
     _check(displacement, grid)
-    return _physical_gradient(displacement, grid)
+    return physical_gradient(displacement, grid)
 
 
 def hessian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -114,7 +84,7 @@ def hessian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """
     jac = jacobian(displacement, grid)
     d = grid.ndim
-    return _physical_gradient(jac.flatten(1, 2), grid).unflatten(1, (d, d))
+    return physical_gradient(jac.flatten(1, 2), grid).unflatten(1, (d, d))
 
 
 def _orthonormal(grid: Grid) -> bool:
@@ -131,9 +101,9 @@ def _gradient_norms(displacement: torch.Tensor, grid: Grid, order: int) -> torch
     """
     _check(displacement, grid)
     rotate = not _orthonormal(grid)
-    out = _physical_gradient(displacement, grid, rotate)
+    out = physical_gradient(displacement, grid, rotate)
     if order == 2:
-        out = _physical_gradient(out.flatten(1, 2), grid, rotate)
+        out = physical_gradient(out.flatten(1, 2), grid, rotate)
     return out.pow(2).flatten(1, 2).sum(dim=1)
 
 
@@ -178,7 +148,7 @@ def total_variation_l1(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     smoothed: its subgradient at 0 is 0, and gradcheck on random fields does not land on a kink.
     """
     _check(displacement, grid)
-    grad = _physical_gradient(displacement, grid, rotate=not _axis_aligned(grid))
+    grad = physical_gradient(displacement, grid, rotate=not _axis_aligned(grid))
     return _voxel_mean(grad.abs().flatten(1, 2).sum(dim=1))
 
 

@@ -1,230 +1,24 @@
-"""Sampling grids and the coordinate frames of an image.
+"""Sampling an image at physical points: :func:`sample` (every interpolation) and
+:func:`sample_grid` (a whole grid, separable where the grids are aligned).
 
-This is the only module that knows about the three frames a point can be expressed in:
-
-- *index*: continuous voxel index in ITK order ``(i, j, k)``; ``i`` runs along the last tensor
-  axis (width), exactly like SimpleITK's ``TransformPhysicalPointToContinuousIndex``;
-- *physical*: world coordinates in mm, ITK/LPS convention,
-  ``x = origin + direction @ (spacing * index)``;
-- *normalized*: the ``[-1, 1]`` coordinates of :func:`torch.nn.functional.grid_sample` with
-  ``align_corners=True`` (``-1`` and ``+1`` are the centres of the first and last voxels).
-
-Point tensors always have their components last (``[..., D]``) in ITK order; image tensors are
-``[N, C, *spatial]`` with spatial axes in the reverse order (``[D, H, W]`` = ``(k, j, i)``).
+The frames and the linear fetch are :mod:`airlab.grid`'s; ``Grid``, ``grid_sample``, ``inside`` and
+``sample_index`` are importable from here too, where they were first.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .filters import apply_axis_weights
+from .grid import Grid, grid_sample, inside, sample_index  # noqa: F401  (grid_sample, inside: re-exported)
+from .splines import bspline_interpolate, linear_axis_weights, sample_cubic
 
 __all__ = ["Grid", "sample", "sample_grid", "INTERPOLATIONS"]
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
 
-def _floats(values: Sequence[float], name: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(v) for v in values)
-    except TypeError as exc:
-        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from exc
-    if not all(math.isfinite(v) for v in out):
-        raise ValueError(f"{name} must be finite, got {out}")
-    return out
-
-
-@dataclass(frozen=True)
-class Grid:
-    """Geometry of a regular sampling grid, exactly as SimpleITK reports it.
-
-    ``size``, ``spacing`` and ``origin`` are in ITK order (x, y, z); ``direction`` is the
-    row-major direction-cosine matrix flattened, as ``SimpleITK.Image.GetDirection()`` returns it.
-    """
-
-    size: tuple[int, ...]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-
-    def __init__(self, size, spacing=None, origin=None, direction=None):
-        size = tuple(int(s) for s in size)
-        d = len(size)
-        if d not in (2, 3):
-            raise ValueError(f"only 2D and 3D grids are supported, got size {size}")
-        if any(s < 1 for s in size):
-            raise ValueError(f"grid size must be positive, got {size}")
-        spacing = _floats(spacing if spacing is not None else (1.0,) * d, "spacing")
-        origin = _floats(origin if origin is not None else (0.0,) * d, "origin")
-        if direction is None:
-            direction = np.eye(d).ravel()
-        direction = _floats(np.asarray(direction, dtype=float).ravel(), "direction")
-        if len(spacing) != d or len(origin) != d or len(direction) != d * d:
-            raise ValueError(
-                f"inconsistent grid: size {size}, spacing {spacing}, origin {origin}, "
-                f"direction with {len(direction)} entries (expected {d * d})"
-            )
-        if any(s <= 0 for s in spacing):
-            raise ValueError(f"spacing must be positive, got {spacing}")
-        if abs(np.linalg.det(np.reshape(direction, (d, d)))) < 1e-8:
-            raise ValueError(f"direction matrix is singular: {direction}")
-        object.__setattr__(self, "size", size)
-        object.__setattr__(self, "spacing", spacing)
-        object.__setattr__(self, "origin", origin)
-        object.__setattr__(self, "direction", direction)
-
-    # ----------------------------------------------------------------- description
-    @property
-    def ndim(self) -> int:
-        return len(self.size)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Spatial shape in tensor order (reversed ``size``)."""
-        return tuple(reversed(self.size))
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.size))
-
-    @property
-    def direction_matrix(self) -> np.ndarray:
-        return np.reshape(self.direction, (self.ndim, self.ndim))
-
-    def index_to_physical_matrix(self) -> np.ndarray:
-        """Homogeneous ``(D+1, D+1)`` matrix mapping index to physical coordinates (float64)."""
-        d = self.ndim
-        m = np.eye(d + 1)
-        m[:d, :d] = self.direction_matrix @ np.diag(self.spacing)
-        m[:d, d] = self.origin
-        return m
-
-    def physical_to_index_matrix(self) -> np.ndarray:
-        return np.linalg.inv(self.index_to_physical_matrix())
-
-    def index_to_normalized_matrix(self) -> np.ndarray:
-        d = self.ndim
-        m = np.eye(d + 1)
-        for a, s in enumerate(self.size):
-            # a single voxel has no extent; any normalised value addresses it
-            scale = 2.0 / (s - 1) if s > 1 else 1.0
-            m[a, a] = scale
-            m[a, d] = -1.0 if s > 1 else 0.0
-        return m
-
-    def physical_to_normalized_matrix(self) -> np.ndarray:
-        return self.index_to_normalized_matrix() @ self.physical_to_index_matrix()
-
-    def center(self) -> np.ndarray:
-        """Physical position of the grid centre (mean of the corner voxel centres)."""
-        idx = (np.asarray(self.size, dtype=float) - 1.0) / 2.0
-        return self.index_to_physical_matrix()[: self.ndim] @ np.append(idx, 1.0)
-
-    def extent(self) -> np.ndarray:
-        """Physical length along each grid axis, from first to last voxel centre."""
-        return (np.asarray(self.size) - 1) * np.asarray(self.spacing)
-
-    def same_as(self, other: "Grid", atol: float = 1e-6) -> bool:
-        return (
-            self.size == other.size
-            and np.allclose(self.spacing, other.spacing, rtol=0, atol=atol)
-            and np.allclose(self.origin, other.origin, rtol=0, atol=atol)
-            and np.allclose(self.direction, other.direction, rtol=0, atol=atol)
-        )
-
-    def __repr__(self) -> str:
-        fmt = lambda v: "(" + ", ".join(f"{x:.6g}" for x in v) + ")"  # noqa: E731
-        return (
-            f"Grid(size={self.size}, spacing={fmt(self.spacing)}, origin={fmt(self.origin)}, "
-            f"direction={fmt(self.direction)})"
-        )
-
-    # ----------------------------------------------------------------- conversions
-    @staticmethod
-    def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-        if points.shape[-1] != matrix.shape[0] - 1:
-            raise ValueError(
-                f"points have {points.shape[-1]} components, the grid is {matrix.shape[0] - 1}D"
-            )
-        dtype = points.dtype if points.is_floating_point() else torch.get_default_dtype()
-        d = matrix.shape[0] - 1
-        shift = torch.as_tensor(matrix[:d, d], dtype=dtype, device=points.device)
-        linear = matrix[:d, :d]
-        if not np.any(linear - np.diag(np.diag(linear))):
-            # axis-aligned (every index <-> normalised map, most images): 5x faster than a matmul
-            scale = torch.as_tensor(np.diag(linear).copy(), dtype=dtype, device=points.device)
-            return torch.addcmul(shift, points.to(dtype), scale)
-        return points.to(dtype) @ torch.as_tensor(linear.T, dtype=dtype, device=points.device) + shift
-
-    def index_to_physical(self, index: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.index_to_physical_matrix(), index)
-
-    def physical_to_index(self, points: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.physical_to_index_matrix(), points)
-
-    def index_to_normalized(self, index: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.index_to_normalized_matrix(), index)
-
-    def physical_to_normalized(self, points: torch.Tensor) -> torch.Tensor:
-        return self._apply(self.physical_to_normalized_matrix(), points)
-
-    def physical_to_normalized_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Map displacement vectors (mm) to normalised displacements (no translation)."""
-        m = torch.as_tensor(
-            self.physical_to_normalized_matrix()[: self.ndim, : self.ndim],
-            dtype=vectors.dtype,
-            device=vectors.device,
-        )
-        return vectors @ m.T
-
-    def indices(self, dtype=None, device=None) -> torch.Tensor:
-        """Voxel indices ``[1, *shape, D]`` (components in ITK order)."""
-        dtype = dtype or torch.get_default_dtype()
-        axes = [torch.arange(n, dtype=dtype, device=device) for n in self.shape]
-        mesh = torch.meshgrid(*axes, indexing="ij")  # tensor order (k, j, i)
-        return torch.stack(mesh[::-1], dim=-1).unsqueeze(0)
-
-    def points(self, dtype=None, device=None) -> torch.Tensor:
-        """Physical coordinates of every voxel centre, ``[1, *shape, D]``."""
-        return self.index_to_physical(self.indices(dtype, device))
-
-    # ----------------------------------------------------------------- derived grids
-    def with_spacing(self, spacing: Sequence[float] | float) -> "Grid":
-        """A grid over (about) the same physical extent, centred identically, with new spacing."""
-        spacing = np.broadcast_to(np.asarray(spacing, dtype=float), (self.ndim,))
-        size = np.maximum(np.floor(self.extent() / spacing + 1e-6).astype(int) + 1, 1)
-        new_extent = (size - 1) * spacing
-        origin = self.center() - self.direction_matrix @ (new_extent / 2.0)
-        return Grid(size, spacing, origin, self.direction)
-
-    def subgrid(self, stride: int, offset: Sequence[int]) -> "Grid":
-        """Every ``stride``-th voxel along each axis, starting at index ``offset`` (ITK order)."""
-        offset = np.asarray(offset, dtype=int)
-        if stride < 1 or offset.shape != (self.ndim,) or (offset < 0).any() or (offset >= stride).any():
-            raise ValueError(f"bad subgrid: stride {stride}, offset {tuple(offset)}")
-        size = np.maximum(-(-(np.asarray(self.size) - offset) // stride), 1)
-        origin = self.index_to_physical_matrix() @ np.append(offset, 1.0)
-        return Grid(size, np.asarray(self.spacing) * stride, origin[: self.ndim], self.direction)
-
-    # ----------------------------------------------------------------- SimpleITK
-    @classmethod
-    def from_sitk(cls, image) -> "Grid":
-        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-
-    def apply_to_sitk(self, image) -> None:
-        """Stamp this geometry on a SimpleITK image of the same size."""
-        if tuple(image.GetSize()) != self.size:
-            raise ValueError(f"image size {image.GetSize()} does not match grid size {self.size}")
-        image.SetSpacing(self.spacing)
-        image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
-
-
-# --------------------------------------------------------------------------- sampling
 def _broadcast_batch(data: torch.Tensor, points: torch.Tensor):
     n = max(data.shape[0], points.shape[0])
     for t, what in ((data, "image"), (points, "points")):
@@ -235,57 +29,10 @@ def _broadcast_batch(data: torch.Tensor, points: torch.Tensor):
     return data.expand(n, *data.shape[1:]), points.expand(n, *points.shape[1:])
 
 
-def inside(index: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """ITK's buffer test: a continuous index is inside if -0.5 <= i < size - 0.5 on every axis."""
-    hi = torch.as_tensor([s - 0.5 for s in size], dtype=index.dtype, device=index.device)
-    return ((index >= -0.5) & (index < hi)).all(dim=-1)
-
-
 def _flatten_points(points: torch.Tensor):
     n, d = points.shape[0], points.shape[-1]
     middle = points.shape[1:-1]
     return points.reshape(n, -1, d), middle
-
-
-def grid_sample(data: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
-    """``F.grid_sample(data, grid, "bilinear", padding_mode, align_corners=True)`` that uses every
-    CPU thread for a single image.
-
-    On CPU, PyTorch's kernel runs batch elements in parallel but the points of one element on
-    one thread. A single image is therefore expanded (a view, no copy) over one batch element per
-    thread, each sampling its share of the points: measured on 2 threads, 141k points of a 2 mm
-    brain, forward and backward 20.9 -> 8.9 ms. The values are exactly those of one call.
-    """
-    threads = torch.get_num_threads()
-    n, c, d = data.shape[0], data.shape[1], grid.shape[-1]
-    points = grid[0, ..., 0].numel()
-    if data.device.type != "cpu" or n != 1 or threads < 2 or points < 1024 * threads:
-        return F.grid_sample(data, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
-    flat = grid.reshape(-1, d)
-    pad = -points % threads
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad, d)])
-    parts = flat.view(threads, *([1] * (d - 1)), -1, d)
-    out = F.grid_sample(data.expand(threads, *data.shape[1:]), parts, mode="bilinear", padding_mode=padding_mode,
-                        align_corners=True)
-    out = out.reshape(threads, c, -1).transpose(0, 1).reshape(1, c, -1)[..., :points]
-    return out.reshape(1, c, *grid.shape[1:-1])
-
-
-def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "border") -> torch.Tensor:
-    """Linear interpolation of ``data [N, C, *S]`` at continuous indices ``index [N, P, D]``.
-
-    ``boundary`` extends the data beyond its outermost voxel centres: ``"border"`` repeats the
-    edge value, ``"mirror"`` reflects about the edge voxel centre (``x[-k] = x[k]``).
-    Returns ``[N, C, P]``.
-    """
-    n, p, d = index.shape
-    size = tuple(reversed(data.shape[2:]))
-    norm = Grid(size).index_to_normalized(index)
-    norm = norm.reshape(n, *([1] * (d - 1)), p, d)
-    padding = {"border": "border", "mirror": "reflection"}[boundary]
-    out = grid_sample(data, norm, padding)
-    return out.reshape(n, data.shape[1], p)
 
 
 def _sample_nearest(data, grid: Grid, index):
@@ -370,40 +117,12 @@ def sample(
     elif interpolation == "label":
         out = _sample_label(data, grid, index)
     else:
-        from .splines import bspline_interpolate, sample_cubic
-
         out = bspline_interpolate(data, index) if spline is None else sample_cubic(*spline, index)
     if outside is not None:
         keep = inside(index, grid.size).unsqueeze(1)
         fill = torch.as_tensor(outside, dtype=out.dtype, device=out.device)
         out = torch.where(keep, out, fill)
     return out.reshape(*out.shape[:2], *middle)
-
-
-def apply_axis_weights(data: torch.Tensor, matrices: list[torch.Tensor]) -> torch.Tensor:
-    """Contract ``data [N, C, *S]`` with one ``[out, in]`` weight matrix per axis (ITK order)."""
-    out = data
-    for a, m in enumerate(matrices):
-        axis = out.dim() - 1 - a
-        out = torch.movedim(torch.movedim(out, axis, -1) @ m.T, -1, axis)
-    return out
-
-
-def _linear_axis_weights(position: torch.Tensor, n: int, outside: bool) -> torch.Tensor:
-    """``[len(position), n]`` linear interpolation weights at continuous indices along one axis,
-    the edge value repeated beyond the ends; rows outside ITK's buffer are zero if ``outside``."""
-    clamped = position.clamp(0, n - 1)
-    lo = clamped.floor().clamp(max=max(n - 2, 0))
-    w = clamped - lo
-    rows = torch.arange(len(position), device=position.device)
-    out = position.new_zeros(len(position), n)
-    lo = lo.long()
-    out[rows, lo] = 1 - w
-    if n > 1:
-        out[rows, lo + 1] += w
-    if outside:
-        out = out * ((position >= -0.5) & (position < n - 0.5)).unsqueeze(1).to(out.dtype)
-    return out
 
 
 def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | None = 0.0,
@@ -440,7 +159,7 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
     for a in range(d):
         j = torch.arange(target.size[a], dtype=torch.float64)
         position = to_index[a, a] * j + to_index[a, d]
-        weights = _linear_axis_weights(position, grid.size[a], outside is not None)
+        weights = linear_axis_weights(position, grid.size[a], outside is not None)
         if filters is not None:
             weights = weights @ filters[a].to(weights.dtype)
         matrices.append(weights.to(dtype=data.dtype, device=data.device))

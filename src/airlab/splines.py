@@ -1,4 +1,6 @@
-"""Uniform cubic B-splines: basis weights, the interpolating prefilter and evaluation.
+"""Interpolation weights and uniform cubic B-splines: basis weights, the per-axis weight
+matrices of linear and cubic interpolation (the one home of both), the interpolating prefilter
+and evaluation.
 
 Shared by cubic B-spline image interpolation (:func:`bspline_interpolate`, which matches ITK's
 ``BSplineInterpolateImageFunction`` of order 3 with its mirror boundary) and the B-spline
@@ -15,9 +17,9 @@ import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 
-from .spatial import apply_axis_weights, sample_index  # noqa: F401  (apply_axis_weights: used by transforms.bspline)
+from .filters import convolve_axis, mirror_index, stencil_axis
+from .grid import sample_index
 
 _POLE = math.sqrt(3.0) - 2.0
 
@@ -41,15 +43,6 @@ def cubic_derivatives(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``d/dt`` of :func:`cubic_weights` (stacked along ``dim``)."""
     t2 = t * t
     return torch.stack((-0.5 * (1 - t) ** 2, 1.5 * t2 - 2 * t, -1.5 * t2 + t + 0.5, 0.5 * t2), dim=dim)
-
-
-def mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
-    """Whole-sample mirror boundary (``x[-k] = x[k]``, ``x[n-1+k] = x[n-1-k]``), any distance."""
-    if n == 1:
-        return torch.zeros_like(index)
-    period = 2 * (n - 1)
-    m = torch.remainder(index, period)
-    return torch.where(m >= n, period - m, m)
 
 
 def _map_index(index: torch.Tensor, n: int, boundary: str) -> torch.Tensor:
@@ -84,7 +77,24 @@ def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "m
     return out
 
 
-def axis_weights(positions: torch.Tensor, n: int, boundary: str = "border", valid=None) -> torch.Tensor:
+def linear_axis_weights(position: torch.Tensor, n: int, outside: bool) -> torch.Tensor:
+    """``[len(position), n]`` linear interpolation weights at continuous indices along one axis,
+    the edge value repeated beyond the ends; rows outside ITK's buffer are zero if ``outside``."""
+    clamped = position.clamp(0, n - 1)
+    lo = clamped.floor().clamp(max=max(n - 2, 0))
+    w = clamped - lo
+    rows = torch.arange(len(position), device=position.device)
+    out = position.new_zeros(len(position), n)
+    lo = lo.long()
+    out[rows, lo] = 1 - w
+    if n > 1:
+        out[rows, lo + 1] += w
+    if outside:
+        out = out * ((position >= -0.5) & (position < n - 0.5)).unsqueeze(1).to(out.dtype)
+    return out
+
+
+def cubic_axis_weights(positions: torch.Tensor, n: int, boundary: str = "border", valid=None) -> torch.Tensor:
     """Dense ``[len(positions), n]`` matrix of cubic B-spline weights along one axis.
 
     Row ``j`` holds the weights of the knots that contribute at continuous index
@@ -115,18 +125,10 @@ def prefilter(data: torch.Tensor) -> torch.Tensor:
     half = int(math.ceil(math.log(eps * 0.1) / math.log(abs(_POLE))))
     k = torch.arange(-half, half + 1, dtype=data.dtype, device=data.device)
     kernel = (-6 * _POLE / (1 - _POLE**2)) * torch.as_tensor(_POLE, dtype=data.dtype) ** k.abs()
-    kernel = kernel.view(1, 1, -1)
     out = data
     for axis in range(2, data.dim()):
-        n = out.shape[axis]
-        if n == 1:
-            continue
-        moved = torch.movedim(out, axis, -1)
-        shape = moved.shape
-        idx = mirror_index(torch.arange(-half, n + half, device=data.device), n)
-        padded = moved.reshape(-1, 1, n)[..., idx]
-        filtered = F.conv1d(padded, kernel).reshape(shape)
-        out = torch.movedim(filtered, -1, axis)
+        if out.shape[axis] > 1:
+            out = convolve_axis(out, kernel, axis, "mirror")
     return out
 
 
@@ -141,20 +143,12 @@ def node_gradient(coefficients: torch.Tensor) -> torch.Tensor:
     ``1/6, 4/6, 1/6`` and those of its derivative ``-1/2, 0, 1/2``: a central difference of the
     coefficients along the axis, smoothed by the former along every other axis (mirror boundary)."""
     d = coefficients.dim() - 2
-
-    def along(x, axis, weights):
-        n = x.shape[axis]
-        if n == 1:
-            return x * sum(weights) if weights[0] > 0 else torch.zeros_like(x)
-        padded = torch.cat([x.narrow(axis, 1, 1), x, x.narrow(axis, n - 2, 1)], dim=axis)
-        return sum(w * padded.narrow(axis, k, n) for k, w in enumerate(weights) if w)
-
     parts = []
     for a in range(d):
-        out = along(coefficients, coefficients.dim() - 1 - a, (-0.5, 0.0, 0.5))
+        out = stencil_axis(coefficients, (-0.5, 0.0, 0.5), coefficients.dim() - 1 - a)
         for b in range(d):
             if b != a:
-                out = along(out, coefficients.dim() - 1 - b, (1 / 6, 4 / 6, 1 / 6))
+                out = stencil_axis(out, (1 / 6, 4 / 6, 1 / 6), coefficients.dim() - 1 - b)
         parts.append(out)
     return torch.stack(parts, dim=2).flatten(1, 2)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import splines
+from ..filters import apply_axis_weights
 from ..spatial import Grid
 from .base import Transform
 
@@ -68,6 +69,10 @@ class BSplineTransform(Transform):
             raise ValueError(f"coefficients of shape {tuple(coefficients.shape)} do not fit {shape}")
         self.coefficients = nn.Parameter(coefficients.detach().clone())
         self.refine_levels = False
+        # displacement()'s per-axis weights by (grid, control grid, dtype, device): an optimisation
+        # evaluates the spline on the same grid at every step (a few small matrices; the key holds
+        # the control grid, which refine() replaces)
+        self._axis_weights: dict[tuple, list[torch.Tensor]] = {}
 
     def start_level(self, level_index: int, level_grid: Grid) -> None:
         if self.refine_levels and level_index > 0:
@@ -97,10 +102,8 @@ class BSplineTransform(Transform):
         if not np.allclose(grid.direction, self.control.direction, atol=1e-9):
             return super().displacement(grid)
         c = self.coefficients
-        # an optimisation evaluates the spline on the same grid at every step: the weights are
-        # kept (a few small matrices; the key holds the control grid, which refine() replaces)
         key = (grid, self.control, c.dtype, c.device)
-        cache = self.__dict__.setdefault("_axis_weights", {})
+        cache = self._axis_weights
         if key not in cache:
             # continuous control index of each grid voxel, axis by axis
             to_index = self.control.physical_to_index_matrix() @ grid.index_to_physical_matrix()
@@ -109,11 +112,11 @@ class BSplineTransform(Transform):
                 j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)
                 u = to_index[a, a] * j + to_index[a, self.ndim]
                 valid = (u >= 1 - _EDGE) & (u <= self.control.size[a] - 2 + _EDGE)
-                matrices.append(splines.axis_weights(u, self.control.size[a], "border", valid))
+                matrices.append(splines.cubic_axis_weights(u, self.control.size[a], "border", valid))
             if len(cache) >= 4:
                 cache.clear()
             cache[key] = matrices
-        return splines.apply_axis_weights(c, cache[key])
+        return apply_axis_weights(c, cache[key])
 
     @torch.no_grad()
     def refine(self) -> None:

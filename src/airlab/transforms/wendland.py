@@ -67,6 +67,9 @@ class WendlandTransform(Transform):
         reach = [self.support / h for h in self.control.spacing]
         ranges = [range(math.floor(-r) + 1, math.ceil(r) + 1) for r in reach]
         self._offsets = list(itertools.product(*ranges))
+        # displacement()'s kernel weights and knot indices ([K, P] each) by (grid, lattice, dtype,
+        # device): they do not depend on the coefficients
+        self._grid_weights: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def start_level(self, level_index: int, level_grid: Grid) -> None:
         """Nothing: Wendland kernels have no exact refinement; one lattice serves every level."""
@@ -90,7 +93,7 @@ class WendlandTransform(Transform):
         if grid.numel * len(self._offsets) > _CACHE:
             return super().displacement(grid)
         key = (grid, self.control, c.dtype, c.device)
-        cache = self.__dict__.setdefault("_grid_weights", {})
+        cache = self._grid_weights
         if key not in cache:
             with torch.no_grad():
                 index = self.control.physical_to_index(grid.points(c.dtype, c.device).reshape(1, -1, self.ndim))
