@@ -11,13 +11,16 @@ user would, each as its own command (process start-up included); wall-clock time
 
 Methods: ``loop`` (one ``airlab register`` process per pair), ``batch`` (``airlab batch``, one
 process, pairs one after the other), ``batch8`` (``airlab batch --batch-size 8``: same-grid pairs
-through the engine's batch dimension), ``cluster`` (``airlab batch --cluster local:2``).
+through the engine's batch dimension), ``cluster`` (``airlab batch --cluster local:2``), ``cluster4``
+(``--cluster local:2 --batch-size 4``: each of the two workers registers batches of up to 4 pairs).
+CPU: user + system seconds of the command and every process it started.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +39,7 @@ METHODS = {
     "batch": [],
     "batch8": ["--batch-size", "8"],
     "cluster": ["--cluster", "local:2"],
+    "cluster4": ["--cluster", "local:2", "--batch-size", "4"],
 }
 
 
@@ -57,6 +61,12 @@ def make_pairs(folder: Path, image: str, count: int) -> Path:
 def airlab(*args) -> int:
     return subprocess.run([sys.executable, "-m", "airlab", *map(str, args)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True).returncode
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of every finished child process (Dask workers included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_method(method: str, manifest: Path, out: Path, preset: str) -> tuple[float, int]:
@@ -87,20 +97,23 @@ def main():
     args = parser.parse_args()
     cases = {"2d": ("mni152_t1_1mm_axial", args.pairs_2d), "3d": ("mni152_t1_2mm", args.pairs_3d)}
     root = Path(tempfile.mkdtemp(prefix="airlab-batch-bench-"))
-    print(f"| case | method | pairs | wall (s) | pairs per hour | vs loop | failed |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| case | method | pairs | wall (s) | pairs per hour | vs loop | CPU (s) | CPU vs loop | failed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     try:
         for case in args.cases:
             image, count = cases[case]
             manifest = make_pairs(root / case, image, count)
-            base = None
+            base = base_cpu = None
             for method in args.methods:
+                cpu = children_cpu()
                 wall, failed = run_method(method, manifest, root / f"{case}-{method}", args.preset)
+                cpu = children_cpu() - cpu
                 rate = count / wall * 3600
-                base = rate if method == "loop" else base
+                base, base_cpu = (rate, cpu) if method == "loop" else (base, base_cpu)
                 ratio = f"{rate / base:.2f}x" if base else "-"
-                print(f"| {case} ({image}) | {method} | {count} | {wall:.1f} | {rate:.0f} | {ratio} | {failed} |",
-                      flush=True)
+                cpu_ratio = f"{base_cpu / cpu:.2f}x" if base_cpu else "-"
+                print(f"| {case} ({image}) | {method} | {count} | {wall:.1f} | {rate:.0f} | {ratio} | {cpu:.1f} | "
+                      f"{cpu_ratio} | {failed} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

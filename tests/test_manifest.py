@@ -79,8 +79,8 @@ def test_the_python_api_checks_its_pairs_before_creating_anything(files):
         batch.run(pairs, files / "out")
     with pytest.raises(ManifestError, match="moving .*nope.nii.gz does not exist"):
         batch.run([batch.Pair("s1", files / "f.nii.gz", files / "nope.nii.gz")], files / "out")
-    with pytest.raises(ManifestError, match="--batch-size applies to one local device"):
-        batch.run([batch.Pair("s1", files / "f.nii.gz", files / "a.nii.gz")], files / "out", batch_size=2, workers=2)
+    with pytest.raises(ManifestError, match="--batch-size and --workers >= 1"):
+        batch.run([batch.Pair("s1", files / "f.nii.gz", files / "a.nii.gz")], files / "out", batch_size=0, workers=2)
     assert not (files / "out").exists()
 
 

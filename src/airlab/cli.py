@@ -145,7 +145,8 @@ def _pipeline(ctx, config_path, preset, metric, seed, device):
               "(finished pairs are skipped; nothing else is touched).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Register up to N pairs whose images share grids at once, through the engine's batch "
-              "dimension (one local device; a batch that runs out of memory is split).")
+              "dimension (a batch that runs out of memory is split). With Dask, each worker registers "
+              "such batches, smaller where that gives every worker one.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Run K local worker processes (a Dask LocalCluster), each with its share of the cores.")
 @click.option("--retries", type=click.IntRange(min=0), default=1, show_default=True,

@@ -114,10 +114,12 @@ def as_points(value, grid, what: str = "points"):
 
 def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, moving_mask=None, device="cpu",
                   seed: int | None = 0, progress=False, preset: str | None = None, metric: str | None = None,
-                  fixed_points=None, moving_points=None, landmark_weight: float = LANDMARK_WEIGHT) -> Outputs:
+                  fixed_points=None, moving_points=None, landmark_weight: float = LANDMARK_WEIGHT,
+                  inverse: bool = True) -> Outputs:
     """Register ``moving`` to ``fixed`` (paths or images) with ``pipeline``; nothing is written.
 
     ``preset``/``metric`` name what the pipeline was made from, for the record only.
+    ``inverse=False`` skips the inverse field (a device batch computes it pair by pair).
     ``fixed_points``/``moving_points`` (landmark files or ``[P, D]`` arrays, paired by row): their
     TRE before and after goes into the metrics, and with ``landmark_weight > 0`` every stage's
     objective also pulls them together (see :class:`~airlab.registration.Registration`)."""
@@ -141,10 +143,10 @@ def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, m
         warped = resample(m.to(device) if m.data.is_floating_point() else m, f.grid, dense).to("cpu")
     if warped.data.is_floating_point():
         warped = Image(warped.data.float(), warped.grid)
-    inverse, consistency = None, None
-    if invertible(result):
-        inverse, consistency = inverse_on_moving_grid(result, m.grid)
-        inverse = inverse.to("cpu")
+    inverse_field, consistency = None, None
+    if inverse and invertible(result):
+        inverse_field, consistency = inverse_on_moving_grid(result, m.grid)
+        inverse_field = inverse_field.to("cpu")
     stages = [{"stage": h["stage"], "level": h["level"], "shrink": h["shrink"], "sigma_mm": h["sigma_mm"],
                "grid_size": h["grid_size"], "iterations": h["iterations"],
                "final_objective": h["objective"][-1] if h["objective"] else None,
@@ -164,7 +166,7 @@ def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, m
     }
     if fp is not None:
         metrics.update(_landmark_metrics(result, fp, mp, landmark_weight))
-    return Outputs(result, warped, dense.to("cpu"), metrics, f, m, inverse, fm)
+    return Outputs(result, warped, dense.to("cpu"), metrics, f, m, inverse_field, fm)
 
 
 def _landmark_metrics(result: Result, fixed_points, moving_points, weight: float) -> dict:
@@ -322,7 +324,8 @@ def register_batch(fixed: list, moving: list, pipeline: PipelineConfig, *, fixed
     weights = [[w for w, _ in s.losses] + [w for w, _ in s.regularisers] for s in stages]
     observer = _PerPairObjective(weights)
     together = register_pair(_stack(fs), _stack(ms), pipeline, fixed_mask=_stack(fms), moving_mask=_stack(mms),
-                             device=device, seed=seed, progress=observer, preset=preset, metric=metric)
+                             device=device, seed=seed, progress=observer, preset=preset, metric=metric,
+                             inverse=False)  # the batch's inverse would be thrown away: its statistics pool the pairs
     return [_pair_of(together, i, n, fs[i], ms[i], fms[i], observer.values) for i in range(n)]
 
 
@@ -343,8 +346,8 @@ def _pair_of(together: Outputs, i: int, n: int, fixed: Image, moving: Image, fix
         s["final_terms"] = h["final_terms"]
     metrics["batch"] = {"size": n, "index": i}
     inverse = None
-    if together.inverse is not None:
-        # again for this pair alone: the batch's consistency statistics pool every pair
+    if invertible(result):
+        # for this pair alone: the batch's consistency statistics would pool every pair
         inverse, metrics["inverse_consistency_mm"] = inverse_on_moving_grid(single, moving.grid)
         inverse = inverse.to("cpu")
     displacement = DisplacementField(together.displacement.grid, 1, together.displacement.field.detach()[i:i + 1])
