@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from airlab.grid import cpu_split, grid_sample
+from airlab.grid import Grid, cpu_split, grid_sample, is_diagonal
+
+from conftest import oblique_grid
 
 
 def _points(rng, d, n):
@@ -55,3 +58,34 @@ def test_grid_sample_rejects_a_bad_split(rng):
         grid_sample(data, _points(rng, 2, 10).expand(2, -1, -1, -1), parts=2)
     with pytest.raises(ValueError, match="parts"):
         grid_sample(data[:1], _points(rng, 2, 10), parts=0)
+
+
+def test_is_diagonal():
+    assert is_diagonal(np.diag([2.0, -3.0, 0.5]))
+    off = np.diag([2.0, 3.0]) + np.array([[0, 1e-12], [0, 0]])
+    assert not is_diagonal(off)  # atol 0: exact zeros only
+    assert is_diagonal(off, atol=1e-9) and not is_diagonal(off, atol=1e-13)
+
+
+def test_orthonormal_and_axis_aligned(rng):
+    assert Grid((4, 5)).orthonormal and Grid((4, 5)).axis_aligned
+    flip = np.array([[0, -1, 0], [1, 0, 0], [0, 0, -1.0]])  # permutes and flips axes
+    assert Grid((4, 5, 6), direction=flip.ravel()).axis_aligned
+    oblique = oblique_grid(3, rng)
+    assert oblique.orthonormal and not oblique.axis_aligned
+    sheared = Grid((4, 5), direction=(1.0, 0.2, 0.0, 1.0))
+    assert not sheared.orthonormal and not sheared.axis_aligned
+
+
+def test_aligned_with(rng):
+    """Any spacing, origin and axis flips keep the index map diagonal; another direction does not."""
+    oblique = oblique_grid(3, rng)
+    coarse = Grid((5, 4, 3), np.asarray(oblique.spacing) * 3, np.asarray(oblique.origin) + 1.5, oblique.direction)
+    flipped = Grid(oblique.size, oblique.spacing, oblique.origin,
+                   (oblique.direction_matrix @ np.diag([1.0, -1.0, 1.0])).ravel())
+    assert coarse.aligned_with(oblique) and oblique.aligned_with(coarse) and flipped.aligned_with(oblique)
+    m = coarse.index_map(oblique)
+    assert np.allclose(m @ np.array([1.0, 2.0, 0.0, 1.0]),
+                       oblique.physical_to_index_matrix() @ coarse.index_to_physical_matrix() @ [1, 2, 0, 1.0])
+    assert not oblique_grid(3, rng).aligned_with(oblique)
+    assert not Grid((4, 5)).aligned_with(Grid((4, 5, 6)))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Grid", "cpu_split", "grid_sample", "inside", "sample_index"]
+__all__ = ["Grid", "cpu_split", "grid_sample", "inside", "is_diagonal", "sample_index"]
 
 
 def _floats(values: Sequence[float], name: str) -> tuple[float, ...]:
@@ -96,6 +96,29 @@ class Grid:
     def direction_matrix(self) -> np.ndarray:
         return np.reshape(self.direction, (self.ndim, self.ndim))
 
+    # The axis checks, one home (issue 12): fast paths that skip a rotation or a matmul ask here.
+    @property
+    def orthonormal(self) -> bool:
+        """Is the direction a rotation or reflection (to 1e-6)? All scanner images: then norms of
+        derivatives need no rotation to world axes."""
+        m = self.direction_matrix
+        return bool(np.allclose(m @ m.T, np.eye(self.ndim), atol=1e-6))
+
+    @property
+    def axis_aligned(self) -> bool:
+        """Is the direction a signed permutation? Then world axes are grid axes up to order and sign."""
+        m = np.abs(self.direction_matrix)
+        return bool(np.allclose(m, np.round(m), atol=1e-6)) and self.orthonormal
+
+    def index_map(self, other: "Grid") -> np.ndarray:
+        """Homogeneous matrix from this grid's continuous index to ``other``'s."""
+        return other.physical_to_index_matrix() @ self.index_to_physical_matrix()
+
+    def aligned_with(self, other: "Grid", atol: float = 1e-9) -> bool:
+        """Does each axis of this grid run along the same axis of ``other`` (any spacing, origin
+        and sign)? Then resampling between them is separable: one small matrix per axis."""
+        return self.ndim == other.ndim and is_diagonal(self.index_map(other)[: self.ndim, : self.ndim], atol)
+
     def index_to_physical_matrix(self) -> np.ndarray:
         """Homogeneous ``(D+1, D+1)`` matrix mapping index to physical coordinates (float64)."""
         d = self.ndim
@@ -155,7 +178,7 @@ class Grid:
         d = matrix.shape[0] - 1
         shift = torch.as_tensor(matrix[:d, d], dtype=dtype, device=points.device)
         linear = matrix[:d, :d]
-        if not np.any(linear - np.diag(np.diag(linear))):
+        if is_diagonal(linear):
             # axis-aligned (every index <-> normalised map, most images): 5x faster than a matmul
             scale = torch.as_tensor(np.diag(linear).copy(), dtype=dtype, device=points.device)
             return torch.addcmul(shift, points.to(dtype), scale)
@@ -223,6 +246,13 @@ class Grid:
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
+
+
+def is_diagonal(matrix: np.ndarray, atol: float = 0.0) -> bool:
+    """Is every off-diagonal entry of the square ``matrix`` within ``atol`` of zero (each axis maps
+    onto one axis)? ``atol=0`` asks for exact zeros."""
+    m = np.asarray(matrix)
+    return not bool((np.abs(m - np.diag(np.diag(m))) > atol).any())
 
 
 def inside(index: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
