@@ -13,7 +13,7 @@ from ..registration import Stage
 from ..spatial import Grid
 # reading and expanding the shipped presets is schema.py's (PipelineConfig.resolve needs it);
 # re-exported here, where the presets' names have always been importable
-from .schema import METRICS, PRESETS, default_metric, metric_term, preset_pipeline
+from .schema import METRICS, PRESETS, default_metric, metric_term, preset_pipeline  # noqa: F401
 
 __all__ = ["PRESETS", "METRICS", "preset", "preset_pipeline", "metric_term", "default_metric"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..image import Image, as_image, read_image, resample, write_image  # as_image: re-exported
+from ..image import Image, as_image, resample, write_image  # as_image: re-exported (airlab.workflows)
 from ..landmarks import LANDMARK_WEIGHT
 from ..pipelines import PipelineConfig, default_metric
 from ..registration import Registration, Result
