@@ -10,7 +10,11 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+import airlab as al
 from airlab import Grid, Image
+from airlab.datasets import example_path
+from airlab.registration import Registration
+from airlab.synthetic import ground_truth, random_deformation
 from airlab.transforms import (
     Affine,
     BSplineTransform,
@@ -113,3 +117,37 @@ def to_sitk_image(data: torch.Tensor, grid: Grid) -> sitk.Image:
 def rng(request):
     # a stable seed per test so failures reproduce
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# The engine's small 2D case, shared by the engine, demons, pyramid, input and preset tests
+@pytest.fixture(scope="module")
+def slice2mm():
+    """The 1 mm axial MNI slice at 2 mm: 99 x 117 pixels, quick to register."""
+    full = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
+    grid = full.grid.with_spacing(2.0)
+    from airlab.filters import smooth_mm
+
+    data = al.sample(smooth_mm(full.data, full.grid, 1.0), full.grid, grid.points(torch.float32), "linear", None)
+    return al.Image(data, grid)
+
+
+@pytest.fixture(scope="module")
+def pair(slice2mm):
+    deformation = random_deformation(slice2mm.grid, 7, max_displacement=4.0)
+    with torch.no_grad():
+        moving = al.resample(slice2mm, slice2mm.grid, deformation)
+    truth, _ = ground_truth(deformation, slice2mm.grid)
+    return slice2mm, moving, truth
+
+
+def brain_epe(transform, truth, image):
+    """Mean endpoint error (mm) inside the brain (intensity > 20) of ``transform`` against ``truth``."""
+    brain = image.data[0, 0] > 20
+    with torch.no_grad():
+        est = transform.displacement(image.grid)
+    return float((est - truth.field).norm(dim=1)[0][brain].mean())
+
+
+def quick(stages):
+    """A Registration of ``stages`` without a progress bar."""
+    return Registration(stages, progress=False)

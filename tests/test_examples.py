@@ -44,5 +44,5 @@ def test_landmarks_example():
 def test_every_example_is_tested():
     tested = {"affine_2d.py", "affine_3d.py", "bspline_2d.py", "diffeomorphic_2d.py", "demons_2d.py",
               "kernel_2d.py", "kernel_3d.py", "landmarks_2d.py"}
-    # custom_loss.py has no --fast (it runs the whole bspline preset); test_engine plugs a loss in
+    # custom_loss.py has no --fast (it runs the whole bspline preset); test_registration plugs a loss in
     assert {p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")} == tested | {"custom_loss.py"}

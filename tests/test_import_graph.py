@@ -1,6 +1,7 @@
-"""The modules of airlab import each other without a cycle (issue 12): the numerics are layered
-grid -> filters -> splines -> spatial -> losses, regularisers, transforms. Imports inside functions
-count too: a lazy import only hides a cycle until someone moves it to the top."""
+"""The modules of airlab import each other without a cycle (issue 12), the whole package and not
+only the numerics, which are layered grid -> filters -> splines -> spatial -> losses, regularisers,
+transforms. Imports inside functions count too: a lazy import only hides a cycle until someone
+moves it to the top."""
 
 from __future__ import annotations
 
@@ -88,6 +89,30 @@ def test_numerics_import_no_cycle():
     graph = _graph()
     numerics = {m: graph[m] & set(NUMERICS) for m in NUMERICS}
     assert _cycles(numerics) == []
+
+
+def test_package_imports_no_cycle():
+    """No exceptions: the engine does not import the workflows (``as_image`` is image.py's) and
+    the schema does not import the presets (it reads and expands them itself)."""
+    assert _cycles(_graph()) == []
+
+
+def test_cycle_finder_sees_lazy_imports(tmp_path, monkeypatch):
+    """The check above can fail: an import inside a function back up the layers is a cycle."""
+    package = tmp_path / "airlab"
+    (package / "workflows").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "workflows" / "__init__.py").write_text("")
+    (package / "registration.py").write_text("def warp():\n    from .workflows.pairwise import as_image\n")
+    (package / "workflows" / "pairwise.py").write_text("from ..registration import warp\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", package)
+    assert _cycles(_graph()) == [["airlab.registration", "airlab.workflows.pairwise"]]
+
+
+def test_engine_and_schema_stay_below_what_uses_them():
+    graph = _graph()
+    assert not any(m.startswith("airlab.workflows") for m in graph["airlab.registration"])
+    assert "airlab.pipelines.presets" not in graph["airlab.pipelines.schema"]
 
 
 def test_numerics_layers():

@@ -8,6 +8,9 @@ import torch
 import airlab as al
 from airlab.errors import AirlabError, InputError, RegistrationError
 from airlab.inputs import check_geometry, normalise, prepare_pair, quantile
+from airlab.losses import MSE
+from airlab.registration import Level, Registration, Stage
+from airlab.transforms import Translation
 
 
 def _image(spacing=(2.0, 2.0, 2.0), direction=None, shape=(12, 10, 8)):
@@ -63,3 +66,46 @@ def test_prepared_pair_holds_normalised_intensities_and_masks():
     inside = pair.fixed[pair.fixed_mask > 0]
     assert float(inside.min()) < 0.05 and np.isclose(float(inside.flatten().kthvalue(int(0.99 * inside.numel())).values), 1.0,
                                                      atol=0.05)
+
+
+# ----------------------------------------------------------------- refused by the engine (2D case)
+def _one_stage():
+    return Registration([Stage(lambda g, n: Translation(g.ndim, n), [(1.0, MSE())], levels=[Level(1, 0.0, 2)])],
+                        progress=False)
+
+
+def test_nan_pixels_are_refused(pair):
+    fixed, moving, _ = pair
+    bad = moving.data.clone()
+    bad[0, 0, 10, 10] = float("nan")
+    with pytest.raises(RegistrationError, match="moving image has 1 NaN"):
+        _one_stage()(fixed, al.Image(bad, moving.grid))
+
+
+def test_constant_image_is_refused(pair):
+    fixed, moving, _ = pair
+    with pytest.raises(RegistrationError, match="fixed image is constant"):
+        _one_stage()(al.Image(torch.ones_like(fixed.data), fixed.grid), moving)
+
+
+def test_empty_mask_is_refused(pair):
+    fixed, moving, _ = pair
+    mask = al.Image(torch.zeros_like(fixed.data, dtype=torch.uint8), fixed.grid)
+    with pytest.raises(RegistrationError, match="fixed mask is empty"):
+        _one_stage()(fixed, moving, fixed_mask=mask)
+
+
+def test_dimension_mismatch_is_refused(pair):
+    fixed, _, _ = pair
+    volume = al.Image(torch.rand(1, 1, 4, 5, 6), al.Grid((6, 5, 4)))
+    with pytest.raises(RegistrationError, match="3D moving image to a 2D fixed image"):
+        _one_stage()(fixed, volume)
+
+
+def test_no_overlap_is_refused(pair):
+    fixed, moving, _ = pair
+    far = al.Image(moving.data, al.Grid(moving.grid.size, moving.grid.spacing, np.add(moving.grid.origin, 5000.0),
+                                          moving.grid.direction))
+    with pytest.raises(RegistrationError, match="do not overlap"):
+        Registration([Stage(lambda g, n: Translation(2, n), [(1.0, MSE())], levels=[Level(1, 0.0, 2)])],
+                     progress=False, initialisation=None)(fixed, far)

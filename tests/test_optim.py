@@ -1,5 +1,5 @@
-"""The optimisers of optim.py: Adam equals torch's (test_engine.py), FieldAdam's step size, and
-the Gaussian-smoothed gradients of fluid-like updates against scipy."""
+"""The optimisers of optim.py: Adam equals torch's (and keeps torch._dynamo unimported), FieldAdam's
+step size, and the Gaussian-smoothed gradients of fluid-like updates against scipy."""
 
 import numpy as np
 import pytest
@@ -57,3 +57,51 @@ def test_field_adam_largest_step_is_lr(rng):
     for n in range(2):
         peak = grad[n].abs().max()
         assert torch.allclose(step[n], 0.5 * grad[n] / peak, atol=1e-9)
+
+
+def test_adam_is_torch_adam(rng):
+    """airlab.optim.Adam (which spares a command-line run torch._dynamo's import) takes the
+    same steps as torch.optim.Adam, with param groups, a changed lr and a closure."""
+    from airlab.optim import Adam
+
+    target = torch.as_tensor(rng.normal(size=(3, 4)))
+    start = [torch.as_tensor(rng.normal(size=(3, 4))), torch.as_tensor(rng.normal(size=5))]
+    runs = []
+    for make in (Adam, torch.optim.Adam):
+        a, b = (nn.Parameter(s.clone()) for s in start)
+        opt = make([{"params": [a], "lr": 0.05}, {"params": [b]}], lr=0.01)
+        for k in range(30):
+            def closure():
+                opt.zero_grad()
+                loss = (a - target).pow(2).sum() + b.pow(4).sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            opt.param_groups[0]["lr"] = 0.05 * (1 - k / 40)
+        runs.append((a.detach(), b.detach()))
+    for ours, theirs in zip(*runs):
+        assert torch.allclose(ours, theirs, atol=1e-12, rtol=0)
+    assert not torch.allclose(runs[0][0], start[0])
+
+
+def test_presets_do_not_import_dynamo():
+    """torch.optim.Optimizer imports torch._dynamo (about 3 s) on first use; the presets' own
+    optimisers and learning-rate decay keep a command-line run free of it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, airlab as al\n"
+        "from airlab.pipelines import preset\n"
+        "from airlab.registration import Registration\n"
+        "from airlab.datasets import example_path\n"
+        "f = al.read_image(example_path('mni152_t1_1mm_axial')).to(torch.float32)\n"
+        "for name in ('affine', 'diffeomorphic'):\n"
+        "    stages = preset(name, f.grid)\n"
+        "    for s in stages:\n"
+        "        for lv in s.levels: lv.iterations = 2\n"
+        "    Registration(stages, progress=False)(f, f)\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

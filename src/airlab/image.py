@@ -12,10 +12,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import ImageIOError
+from .errors import ImageIOError, InputError
 from .spatial import Grid, sample
 
-__all__ = ["Image", "ImageIOError", "read_image", "write_image", "resample"]
+__all__ = ["Image", "ImageIOError", "as_image", "read_image", "write_image", "resample"]
 
 # Unsigned types torch cannot compute with are widened on reading and restored on writing.
 _WIDEN = {np.dtype(np.uint16): np.dtype(np.int32), np.dtype(np.uint32): np.dtype(np.int64)}
@@ -224,6 +224,22 @@ def write_sitk(image: sitk.Image, path: str | os.PathLike, compress: bool = True
             dst.write(deflate.flush())
     finally:
         os.unlink(raw)
+
+
+def as_image(value, what: str = "image") -> Image:
+    """An airlab Image from a path, an Image, a SimpleITK image or a nibabel image (``None`` passes).
+
+    Here, below the engine, because ``Result.warp`` and the workflows both take any of these."""
+    if value is None or isinstance(value, Image):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return read_image(value)
+    if isinstance(value, sitk.Image):
+        return Image.from_sitk(value)
+    if hasattr(value, "affine") and hasattr(value, "dataobj"):
+        return Image.from_nibabel(value)
+    raise InputError(f"the {what} must be a path, an airlab Image, a SimpleITK image or a nibabel image, "
+                     f"not {type(value).__name__}")
 
 
 def write_image(image: Image, path: str | os.PathLike, *, dtype=None, compress: bool = True) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import RegistrationError
-from .image import Image, resample
+from .image import Image, as_image, resample
 from .inputs import initial_translation, prepare_pair
 from .landmarks import LANDMARK_WEIGHT, landmark_loss, landmark_pairs
 from .optim import Adam, FieldAdam
@@ -131,8 +131,6 @@ class Result:
 
     def warp(self, moving, *, interpolation: str | None = None, outside: float = 0.0) -> Image:
         """``moving`` (an Image, path, SimpleITK or nibabel image) resampled onto the fixed grid."""
-        from .workflows.pairwise import as_image
-
         if self.fixed_grid is None:
             raise ValueError("the result does not know the fixed grid")
         moving = as_image(moving, "moving image")

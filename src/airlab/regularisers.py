@@ -18,7 +18,6 @@ borders. Pair them with a smooth parameterisation (B-spline, smoothed velocity) 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -87,11 +86,6 @@ def hessian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     return physical_gradient(jac.flatten(1, 2), grid).unflatten(1, (d, d))
 
 
-def _orthonormal(grid: Grid) -> bool:
-    m = grid.direction_matrix
-    return bool(np.allclose(m @ m.T, np.eye(grid.ndim), atol=1e-6))
-
-
 def _gradient_norms(displacement: torch.Tensor, grid: Grid, order: int) -> torch.Tensor:
     """``sum_ij (du_i/dx_j)^2`` (order 1) or ``sum_ijk (d2u_i/dx_j dx_k)^2`` (order 2) per voxel.
 
@@ -100,7 +94,7 @@ def _gradient_norms(displacement: torch.Tensor, grid: Grid, order: int) -> torch
     costs more than the derivatives.
     """
     _check(displacement, grid)
-    rotate = not _orthonormal(grid)
+    rotate = not grid.orthonormal
     out = physical_gradient(displacement, grid, rotate)
     if order == 2:
         out = physical_gradient(out.flatten(1, 2), grid, rotate)
@@ -133,12 +127,6 @@ def total_variation(displacement: torch.Tensor, grid: Grid, eps: float = 1e-3) -
     return _voxel_mean(torch.sqrt(squared + eps**2))
 
 
-def _axis_aligned(grid: Grid) -> bool:
-    """Is the direction a signed permutation? Then world axes are grid axes up to order and sign."""
-    m = np.abs(grid.direction_matrix)
-    return bool(np.allclose(m, np.round(m), atol=1e-6)) and _orthonormal(grid)
-
-
 def total_variation_l1(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Anisotropic TV: mean over voxels of ``sum_ij |du_i/dx_j|`` (mm/mm).
 
@@ -148,7 +136,7 @@ def total_variation_l1(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     smoothed: its subgradient at 0 is 0, and gradcheck on random fields does not land on a kink.
     """
     _check(displacement, grid)
-    grad = physical_gradient(displacement, grid, rotate=not _axis_aligned(grid))
+    grad = physical_gradient(displacement, grid, rotate=not grid.axis_aligned)
     return _voxel_mean(grad.abs().flatten(1, 2).sum(dim=1))
 
 

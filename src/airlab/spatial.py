@@ -7,7 +7,6 @@ The frames and the linear fetch are :mod:`airlab.grid`'s; ``Grid``, ``grid_sampl
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .filters import apply_axis_weights
@@ -140,9 +139,7 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
     matrices, so the full-resolution image is never filtered as a whole.
     """
     d = grid.ndim
-    to_index = grid.physical_to_index_matrix() @ target.index_to_physical_matrix()
-    off_diagonal = to_index[:d, :d] - np.diag(np.diag(to_index[:d, :d]))
-    if target.ndim != d or np.abs(off_diagonal).max() > 1e-9 or outside not in (None, 0.0):
+    if not target.aligned_with(grid) or outside not in (None, 0.0):
         if filters is not None:
             data = data if data.is_floating_point() else data.to(torch.get_default_dtype())
             data = apply_axis_weights(data, [f.to(dtype=data.dtype, device=data.device) for f in filters])
@@ -155,6 +152,7 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
         )
     if not data.is_floating_point():
         data = data.to(torch.get_default_dtype())
+    to_index = target.index_map(grid)
     matrices = []
     for a in range(d):
         j = torch.arange(target.size[a], dtype=torch.float64)

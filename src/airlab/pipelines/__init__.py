@@ -12,9 +12,9 @@ from .names import METRICS, PRESETS
 __all__ = ["PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "ConfigError", "load_config", "validate",
            "preset", "preset_pipeline", "default_metric", "metric_term", "pyramid", "PRESETS", "METRICS"]
 
-_LAZY = {**dict.fromkeys(["default_metric", "metric_term", "preset", "preset_pipeline"], "presets"),
+_LAZY = {"preset": "presets",
          **dict.fromkeys(["ConfigError", "LevelConfig", "PipelineConfig", "StageConfig", "TermConfig", "load_config",
-                          "pyramid", "validate"], "schema")}
+                          "pyramid", "validate", "default_metric", "metric_term", "preset_pipeline"], "schema")}
 
 
 __getattr__, __dir__ = lazy_names(__name__, _LAZY, __all__)

@@ -36,8 +36,10 @@ and :meth:`PipelineConfig.resolve` writes a preset out as stages.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -224,8 +226,6 @@ class PipelineConfig(_Strict):
         """This pipeline with its stages written out: the preset (``preset``/``metric``, from the
         command line, win over the file's) expanded into the stages it stands for. What
         metrics.json records, and what replays the run."""
-        from .presets import preset_pipeline
-
         name = preset or (None if self.stages else self.preset)
         if name is None:
             if metric is not None:
@@ -296,3 +296,47 @@ def load_config(path: str | Path) -> PipelineConfig:
         kind = "JSON" if path.suffix == ".json" else "YAML"
         raise ConfigError(f"config {path} is not valid {kind}{where}: {getattr(exc, 'problem', None) or getattr(exc, 'msg', exc)}") from None
     return validate(raw, str(path))
+
+
+# The presets shipped as YAML beside this module, read and expanded here rather than in presets.py
+# because PipelineConfig.resolve writes a preset out as stages (presets.py builds them for a grid).
+def metric_term(metric: str) -> TermConfig:
+    """The similarity term a preset uses for ``metric``."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    if metric == "lncc":
+        return TermConfig(name="lncc", radius=2)
+    if metric in ("mi", "nmi"):
+        # fine bins resolve small misalignments; the Parzen window keeps them smooth
+        return TermConfig(name=metric, bins=64)
+    return TermConfig(name=metric)
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped(name: str) -> PipelineConfig:
+    text = resources.files(__package__).joinpath(f"{name}.yaml").read_text()
+    import yaml
+
+    return validate(yaml.safe_load(text), f"preset {name}")
+
+
+def default_metric(name: str) -> str:
+    """The deformable (or, for linear presets, the linear) stage's similarity of preset ``name``."""
+    return _shipped(name).stages[-1].losses[0].name
+
+
+def preset_pipeline(name: str, *, metric: str | None = None) -> PipelineConfig:
+    """Preset ``name`` as a pipeline with its stages written out. ``metric`` replaces the
+    deformable stage's similarity; linear stages take (N)MI when it is asked for and NCC
+    otherwise (global statistics suit them; across contrasts only (N)MI works)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    pipeline = _shipped(name)
+    if metric is None:
+        return pipeline
+    term = metric_term(metric)
+    linear = term if metric in ("mi", "nmi") else metric_term("ncc")
+    stages = []
+    for stage in pipeline.stages:
+        stages.append(stage.model_copy(update={"losses": [linear if stage.transform in LINEAR else term]}))
+    return pipeline.model_copy(update={"stages": stages})

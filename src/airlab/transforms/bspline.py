@@ -97,16 +97,16 @@ class BSplineTransform(Transform):
         return (flat + disp.transpose(1, 2)).reshape(n, *points.shape[1:])
 
     def displacement(self, grid: Grid) -> torch.Tensor:
-        """Dense displacement on ``grid``; separable (one small matmul per axis) when the grid
-        shares the control grid's direction, as the fixed image grid does."""
-        if not np.allclose(grid.direction, self.control.direction, atol=1e-9):
+        """Dense displacement on ``grid``; separable (one small matmul per axis) when each grid
+        axis runs along a control grid axis (``Grid.aligned_with``), as the fixed image grid's do."""
+        if not grid.aligned_with(self.control):
             return super().displacement(grid)
         c = self.coefficients
         key = (grid, self.control, c.dtype, c.device)
         cache = self._axis_weights
         if key not in cache:
             # continuous control index of each grid voxel, axis by axis
-            to_index = self.control.physical_to_index_matrix() @ grid.index_to_physical_matrix()
+            to_index = grid.index_map(self.control)
             matrices = []
             for a in range(self.ndim):
                 j = torch.arange(grid.size[a], dtype=c.dtype, device=c.device)

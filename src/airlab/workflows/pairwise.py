@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..image import Image, read_image, resample, write_image
+from ..image import Image, as_image, resample, write_image  # as_image: re-exported (airlab.workflows)
 from ..landmarks import LANDMARK_WEIGHT
 from ..pipelines import PipelineConfig, default_metric
 from ..registration import Registration, Result
@@ -33,22 +33,6 @@ __all__ = ["OUTPUTS", "Outputs", "as_image", "as_points", "register_pair", "writ
 
 OUTPUTS = ["warped.nii.gz", "displacement.nii.gz", "inverse_displacement.nii.gz", "affine.txt", "metrics.json",
            "report.png", "report.html"]
-
-
-def as_image(value, what: str = "image") -> Image:
-    """An airlab Image from a path, an Image, a SimpleITK image or a nibabel image."""
-    if value is None or isinstance(value, Image):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        return read_image(value)
-    import SimpleITK as sitk
-
-    if isinstance(value, sitk.Image):
-        return Image.from_sitk(value)
-    if hasattr(value, "affine") and hasattr(value, "dataobj"):
-        return Image.from_nibabel(value)
-    raise InputError(f"the {what} must be a path, an airlab Image, a SimpleITK image or a nibabel image, "
-                     f"not {type(value).__name__}")
 
 
 @dataclass
