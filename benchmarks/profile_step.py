@@ -32,12 +32,13 @@ sys.path.insert(0, str(HERE))
 from airlab.datasets import mni152  # noqa: E402
 from airlab.image import read_image  # noqa: E402
 from airlab.pipelines import preset  # noqa: E402
+from airlab.progress import Observer  # noqa: E402
 from airlab.registration import Registration  # noqa: E402
 
 from accuracy import case  # noqa: E402
 
 
-class LevelClock:
+class LevelClock(Observer):
     """Observer: process time and iterations of every level, and the time between them."""
 
     def __init__(self):
@@ -55,7 +56,7 @@ class LevelClock:
         self.mark = now
 
 
-class LevelProfiler:
+class LevelProfiler(Observer):
     """Observer: a ``torch.profiler`` profile of each level's operations."""
 
     def __init__(self):

@@ -1,18 +1,53 @@
 """Observers of the engine's events: the engine prints nothing itself.
 
-An observer is any object with some of ``level_start(info)``, ``iteration(info)`` and
-``level_end(info)``; a plain callable is called with every iteration's dict (the ``callbacks``
-of :class:`~airlab.registration.Registration`).
+An observer is an :class:`Observer`, which overrides some of ``level_start(info)``,
+``iteration(info)`` and ``level_end(info)``; a plain callable given as one of the ``callbacks`` of
+:class:`~airlab.registration.Registration` is called with every iteration's dict.
 """
 
 from __future__ import annotations
 
 import sys
 
-__all__ = ["ProgressBar", "LogLines", "default_progress", "BatchBar", "BatchLines", "batch_progress"]
+__all__ = ["Observer", "Callback", "as_observer", "ProgressBar", "LogLines", "default_progress", "BatchBar", "BatchLines", "batch_progress"]
 
 
-class ProgressBar:
+class Observer:
+    """Receives the engine's events; each method does nothing unless overridden. ``info`` holds
+    the stage (index and ``stage_name``), the ``level`` and its ``label``; ``level_start`` adds
+    ``max_iterations``, ``iteration`` the ``iteration``, ``objective``, ``terms`` and
+    ``transform``, ``level_end`` the ``iterations`` run, the last ``objective`` and ``time_s``."""
+
+    def level_start(self, info: dict) -> None:
+        pass
+
+    def iteration(self, info: dict) -> None:
+        pass
+
+    def level_end(self, info: dict) -> None:
+        pass
+
+
+class Callback(Observer):
+    """A plain callable, called with every iteration's dict."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def iteration(self, info: dict) -> None:
+        self.function(info)
+
+
+def as_observer(value) -> Observer:
+    """An :class:`Observer` as it is, a callable as a :class:`Callback`."""
+    if isinstance(value, Observer):
+        return value
+    if callable(value):
+        return Callback(value)
+    raise TypeError(f"a callback must be an airlab.progress.Observer or a callable, not {type(value).__name__}")
+
+
+class ProgressBar(Observer):
     """A tqdm bar per level on a terminal."""
 
     def __init__(self):
@@ -36,7 +71,7 @@ class ProgressBar:
             self._bar = None
 
 
-class LogLines:
+class LogLines(Observer):
     """One line per level on stderr, for logs (a redrawn bar would fill them)."""
 
     def level_end(self, info: dict) -> None:

@@ -1,18 +1,16 @@
 """The registration engine: stages of pyramid levels minimising a weighted objective.
 
-``objective = sum_i w_i * loss_i(fixed, moving o T) + sum_j w_j * reg_j(displacement of the stage)``
-``            [+ w_l * mean_p |T(fixed_point_p) - moving_point_p|^2]`` (landmarks, when given)
-
 A :class:`Stage` says which transform to optimise, with which terms, optimiser and pyramid; a
 :class:`Registration` runs stages in order, each starting from the transform the previous ones
 found (kept fixed), and returns a :class:`Result` whose ``transform`` maps fixed physical points
-to moving physical points for the whole pipeline.
+to moving physical points for the whole pipeline. The parts: :mod:`airlab.inputs` (checks,
+normalisation, initialisation), :mod:`airlab.pyramid` (levels), :mod:`airlab.objective` (the
+weighted terms), :mod:`airlab.solver` (one level's optimisation, convergence, events).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -23,13 +21,13 @@ from torch import nn
 from .errors import RegistrationError
 from .image import Image, as_image, resample
 from .inputs import initial_translation, prepare_pair
-from .landmarks import LANDMARK_WEIGHT, landmark_loss, landmark_pairs
-from .optim import Adam, FieldAdam
-from .progress import default_progress
-from .pyramid import Level, LevelData, Pyramid, level_grid, strided_views
-from .regularisers import ParameterRegulariser
-from .spatial import Grid, inside, sample
-from .transforms import Composite, LinearTransform, StationaryVelocityField, Transform, Affine
+from .landmarks import LANDMARK_WEIGHT, landmark_pairs
+from .objective import Objective, term_names
+from .progress import as_observer, default_progress
+from .pyramid import Level, Pyramid, level_grid
+from .solver import solve_level
+from .spatial import Grid
+from .transforms import Composite, LinearTransform, Transform, Affine
 
 __all__ = ["Level", "Stage", "Registration", "Result", "RegistrationError", "initial_translation", "compose_linear",
            "term_names"]
@@ -161,42 +159,6 @@ def _chain(done: list[Transform], prior: Transform | None) -> Transform | None:
     return chain[0] if len(chain) == 1 else Composite(*chain)
 
 
-def _param_groups(transform: Transform, lr: float, radius: float) -> list[dict]:
-    """Per-parameter steps in comparable physical units (see :class:`Stage`)."""
-    angular = {"rotation", "linear", "log_scale"}
-    groups = []
-    for name, p in transform.named_parameters():
-        if not p.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        groups.append({"params": [p], "lr": lr / radius if leaf in angular else lr, "name": name})
-    return groups
-
-
-def _make_optimizer(spec, groups, gradient_sigma: float = 0.0):
-    if callable(spec):
-        return spec(groups)
-    if spec == "adam":
-        return Adam(groups, gradient_sigma=gradient_sigma)
-    if spec == "field-adam":
-        return FieldAdam(groups, gradient_sigma=gradient_sigma)
-    if spec == "lbfgs":
-        params = [p for g in groups for p in g["params"]]
-        return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-    raise ValueError(f"unknown optimizer {spec!r}; choose 'adam', 'field-adam', 'lbfgs' or pass a factory")
-
-
-def term_names(stage: Stage) -> list[str]:
-    """One name per loss and regulariser of ``stage`` (the class name, numbered where a class
-    occurs twice), under which the history records each term."""
-    names = [type(m).__name__ for _, m in list(stage.losses) + list(stage.regularisers)]
-    out, seen = [], {}
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if names.count(n) == 1 else f"{n}.{seen[n]}")
-    return out
-
-
 def _start_from_linear(t: LinearTransform, done: list[Transform]) -> bool:
     """Set an affine stage that follows linear stages to where they ended; True when it did, and
     the caller then replaces them by it, so that the final chain holds one linear transform
@@ -211,36 +173,6 @@ def _start_from_linear(t: LinearTransform, done: list[Transform]) -> bool:
     return True
 
 
-class _Convergence:
-    """Per-pair early stopping: a pair whose objective improved by less than ``tolerance``
-    (relative) over ``lag`` iterations is done; the level ends when every pair is."""
-
-    def __init__(self, tolerance: float, lag: int):
-        self.tolerance, self.lag = tolerance, lag
-        self.values: list[torch.Tensor] = []
-
-    def update(self, per_pair: torch.Tensor) -> torch.Tensor | None:
-        """Record this iteration's objectives ``[N]``; the pairs that are done, once known."""
-        self.values.append(per_pair)
-        if len(self.values) <= self.lag:
-            return None
-        old = self.values[-1 - self.lag]
-        return old - per_pair <= self.tolerance * old.abs().clamp_min(1e-12)
-
-
-_EVENTS = ("level_start", "iteration", "level_end")
-
-
-@dataclass
-class _Callback:
-    """A plain callable observes the iterations."""
-
-    function: Callable[[dict], None]
-
-    def iteration(self, info: dict) -> None:
-        self.function(info)
-
-
 class Registration:
     """Run :class:`Stage` s on a fixed and a moving image (or batches of them).
 
@@ -250,17 +182,21 @@ class Registration:
             used when the first stage's transform is linear and no ``initial`` transform is given.
         normalise: rescale intensities (1st..99th percentile -> 0..1) before registering.
         progress: report progress on stderr (a bar per level on a terminal, one line per level
-            otherwise); or an observer object of :mod:`airlab.progress`.
-        callbacks: observers: callables called after every iteration with a dict (stage, level,
-            iteration, objective, terms, transform), or objects with ``level_start``,
-            ``iteration``, ``level_end`` methods.
+            otherwise); or an :class:`~airlab.progress.Observer`.
+        callbacks: :class:`~airlab.progress.Observer` s, or callables called after every
+            iteration with a dict (stage, level, iteration, objective, terms, transform).
         seed: seeds the random numbers of stochastic terms (none of the built-in ones is: on CPU
             the engine repeats exactly by construction) inside a forked generator state, so the
             global torch RNG is left as it was.
+        check_every: look at the objective on the host (finite, converged, overlapping) every
+            this many iterations; ``None``: every iteration on the CPU, where it costs nothing,
+            every 10 on other devices, which a host synchronisation stalls. The result is the
+            same either way (see :mod:`airlab.solver`); observers get a block's iteration events
+            at its check.
     """
 
     def __init__(self, stages: Sequence[Stage], *, initialisation: str | None = "moments", normalise: bool = True,
-                 progress=True, callbacks: Sequence = (), seed: int | None = 0):
+                 progress=True, callbacks: Sequence = (), seed: int | None = 0, check_every: int | None = None):
         if not stages:
             raise ValueError("a registration needs at least one stage")
         for stage in stages:
@@ -270,21 +206,22 @@ class Registration:
         self.stages = list(stages)
         self.initialisation = initialisation
         self.normalise = normalise
-        self.observers = [obs if any(hasattr(obs, e) for e in _EVENTS) else _Callback(obs) for obs in callbacks]
+        self.observers = [as_observer(obs) for obs in callbacks]
         if progress is True:
             self.observers.append(default_progress())
         elif progress:
-            self.observers.append(progress)
+            self.observers.append(as_observer(progress))
         self.seed = seed
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.check_every = check_every
 
     def __call__(self, fixed: Image, moving: Image, **kwargs) -> Result:
         return self.run(fixed, moving, **kwargs)
 
     def _emit(self, event: str, info: dict) -> None:
         for obs in self.observers:
-            method = getattr(obs, event, None)
-            if method is not None:
-                method(info)
+            getattr(obs, event)(info)
 
     def run(self, fixed: Image, moving: Image, *, fixed_mask: Image | None = None, moving_mask: Image | None = None,
             initial: Transform | None = None, device=None, dtype=torch.float32, fixed_points=None,
@@ -326,6 +263,8 @@ class Registration:
                         t.center.copy_(cf.to(t.center).expand_as(t.center))
                         t.translation.copy_(tr.to(t.center).expand_as(t.translation))
             previous = _chain(done, prior)
+            objective = Objective(stage, landmarks, dtype=dtype, device=device)
+            check_every = self.check_every or (1 if device.type == "cpu" else 10)
             for li, level in enumerate(stage.levels):
                 data = dataclasses.replace(pyramid[level])  # a stage may set its regulariser grid
                 if stage.interpolation == "bspline":
@@ -335,140 +274,13 @@ class Registration:
                 t.start_level(li, data.grid)
                 if stage.on_level is not None:
                     stage.on_level(t, li, data.grid)
-                history.append(self._run_level(stage, s, li, level, t, previous, data, pair.radius, landmarks))
+                info = {"stage": s, "stage_name": stage.name, "level": li,
+                        "label": f"{stage.name} level {li + 1}/{len(stage.levels)}"}
+                entry = solve_level(objective, t, previous, data, stage=stage, level=level, radius=pair.radius,
+                                    emit=self._emit, info=info, check_every=check_every)
+                history.append({"stage": stage.name, "level": li, "shrink": level.shrink, "sigma_mm": level.sigma,
+                                "stride": level.stride, "grid_size": list(data.grid.size)} | entry)
             for p in t.parameters():
                 p.requires_grad_(False)
             done.append(t)
         return Result(_chain(done, prior), done, history, time.perf_counter() - start, fixed.grid)
-
-    # ------------------------------------------------------------------ pieces
-    def _terms(self, stage, names, t, previous, data: LevelData, points, landmarks=None):
-        fixed = data.fixed
-        if stage.symmetric:
-            if not isinstance(t, StationaryVelocityField):
-                raise ValueError(f"a symmetric stage needs a velocity field, not {type(t).__name__}")
-            disp = t.scaled(0.5).displacement(data.grid)
-            back = t.scaled(-0.5).displacement(data.grid)
-            source = data.full or data  # a strided view samples the whole fixed level
-            fixed = sample(source.fixed, source.grid, points + torch.movedim(back, 1, -1), "linear", outside=None)
-            y = points + torch.movedim(disp, 1, -1)
-        elif isinstance(t, LinearTransform) and not stage.regularisers:
-            y = t(points)  # a linear stage maps the points; no field is needed
-        else:
-            disp = t.displacement(data.grid)  # [N, D, *shape]: this stage's own motion
-            y = points + torch.movedim(disp, 1, -1)
-        if previous is not None:
-            y = previous(y)
-        if stage.interpolation == "bspline":
-            warped = sample(data.moving, data.moving_grid, y, "bspline", outside=None, spline=data.moving_spline)
-        else:
-            warped = sample(data.moving, data.moving_grid, y, "linear", outside=None)
-        index = data.moving_grid.physical_to_index(y.detach())
-        weight = inside(index, data.moving_grid.size).unsqueeze(1).to(warped.dtype)
-        if data.fixed_weight is not None:
-            weight = weight * data.fixed_weight
-        if data.moving_mask is not None:
-            # detached: masks say which voxels count; the optimiser must not gain by moving them
-            weight = weight * sample(data.moving_mask, data.moving_grid, y.detach(), "linear", outside=0.0)
-        if float(weight.flatten(1).sum(1).min()) < 1.0:
-            raise RegistrationError("the images do not overlap: no fixed voxel maps inside the moving image")
-        terms = {}
-        total = 0.0
-        fixed = fixed.expand(warped.shape[0], *fixed.shape[1:])
-        weight = weight.expand(warped.shape[0], *weight.shape[1:])
-        names = iter(names)
-        for w, loss in stage.losses:
-            v = loss(fixed, warped, weight=weight, grid=data.grid)
-            terms[next(names)] = v.detach()
-            total = total + w * v
-        if any(not isinstance(reg, ParameterRegulariser) for _, reg in stage.regularisers):
-            reg_grid = data.regulariser_grid or data.grid
-            reg_disp = disp if reg_grid is data.grid else t.displacement(reg_grid)
-        for w, reg in stage.regularisers:
-            # a coefficient penalty sees the lattice the optimiser moves, not the field it spans
-            v = reg(*t.coefficient_lattice()) if isinstance(reg, ParameterRegulariser) else reg(reg_disp, reg_grid)
-            terms[next(names)] = v.detach()
-            total = total + w * v
-        if landmarks is not None:
-            fixed_points, moving_points, w = landmarks
-            mapped = t(fixed_points)  # this stage acts first, then the ones found before it
-            v = landmark_loss(previous(mapped) if previous is not None else mapped, moving_points)
-            terms["landmarks"] = v.detach()
-            total = total + w * v
-        return total, terms
-
-    def _run_level(self, stage, s, li, level, t, previous, data: LevelData, radius, landmarks=None) -> dict:
-        views = strided_views(data, level.stride)
-        points = [v.grid.points(dtype=data.fixed.dtype, device=data.fixed.device) for v in views]
-        names = term_names(stage)
-        # a strided objective varies with the sublattice: compare values of the same one
-        monitor = _Convergence(stage.tolerance, -(-stage.patience // len(views)) * len(views))
-        optimizer = _make_optimizer(stage.optimizer, _param_groups(t, stage.lr, radius), stage.gradient_sigma)
-        # cosine annealing by hand: any optimiser with param_groups, and no torch.optim.lr_scheduler,
-        # which would import torch._dynamo (see optim.py)
-        decay = stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS)
-        base = [g["lr"] for g in optimizer.param_groups]
-        values: list[float] = []
-        label = f"{stage.name} level {li + 1}/{len(stage.levels)}"
-        self._emit("level_start", {"stage": s, "stage_name": stage.name, "level": li, "label": label,
-                                   "max_iterations": level.iterations})
-        level_start = time.perf_counter()
-        terms = {}
-        # Early stopping is per pair: a converged pair keeps its parameters while the others go
-        # on, so a batch ends where its pairs would have ended alone (not for LBFGS, whose line
-        # search couples the pairs).
-        params = [p for p in t.parameters() if p.requires_grad]
-        separable = (t.batch_size > 1 and not isinstance(optimizer, torch.optim.LBFGS)
-                     and all(p.shape[0] == t.batch_size for p in params))
-        frozen: dict[int, list[torch.Tensor]] = {}
-        evaluated: dict = {}
-        try:
-            for it in range(level.iterations):
-                def closure():
-                    for p in params:
-                        p.grad = None
-                    k = it % len(views)
-                    with t.cached():
-                        total, evaluated["terms"] = self._terms(stage, names, t, previous, views[k], points[k],
-                                                                landmarks)
-                    evaluated["total"] = total.detach()
-                    loss = total.sum()  # summing keeps every batch element's gradient its own
-                    loss.backward()
-                    return loss
-
-                loss = optimizer.step(closure)
-                if frozen:
-                    with torch.no_grad():
-                        for n, saved in frozen.items():
-                            for p, v in zip(params, saved):
-                                p[n] = v
-                if decay:
-                    factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (it + 1) / level.iterations))
-                    for g, b in zip(optimizer.param_groups, base):
-                        g["lr"] = b * factor
-                terms = evaluated["terms"]
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise RegistrationError(f"the objective became {value} in {stage.name}, level {li + 1}")
-                values.append(value)
-                if self.observers:
-                    self._emit("iteration", {"stage": s, "stage_name": stage.name, "level": li, "iteration": it,
-                                             "objective": value, "terms": {k: v.tolist() for k, v in terms.items()},
-                                             "transform": t})
-                converged = monitor.update(evaluated["total"].double().cpu().expand(t.batch_size))
-                if converged is not None:
-                    converged[list(frozen)] = True
-                    if bool(converged.all()):
-                        break
-                    if separable:
-                        for n in converged.nonzero().flatten().tolist():
-                            frozen.setdefault(n, [p.detach()[n].clone() for p in params])
-        finally:
-            elapsed = time.perf_counter() - level_start
-            self._emit("level_end", {"stage": s, "stage_name": stage.name, "level": li, "label": label,
-                                     "iterations": len(values), "objective": values[-1] if values else None,
-                                     "time_s": elapsed})
-        return {"stage": stage.name, "level": li, "shrink": level.shrink, "sigma_mm": level.sigma, "stride": level.stride,
-                "grid_size": list(data.grid.size), "iterations": len(values), "objective": values,
-                "final_terms": {k: v.tolist() for k, v in terms.items()},
-                "time_s": round(elapsed, 3)}

@@ -20,6 +20,7 @@ from .evaluate import determinant_stats
 from .image import Image
 from .regularisers import jacobian_determinant
 from .spatial import Grid, sample
+from .transforms import Transform
 
 __all__ = ["write_report", "write_template_report"]
 
@@ -306,7 +307,7 @@ def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacemen
 
     outdir = Path(outdir)
     with torch.no_grad():
-        if hasattr(displacement, "displacement"):
+        if isinstance(displacement, Transform):
             displacement = displacement.displacement(fixed.grid)
         disp = displacement.detach().cpu().to(torch.float64).reshape(1, fixed.ndim, *fixed.grid.shape)
         if linear is not None:

@@ -22,10 +22,11 @@ from ..errors import InputError
 from ..image import Image, as_image, resample, write_image  # as_image: re-exported (airlab.workflows)
 from ..landmarks import LANDMARK_WEIGHT
 from ..pipelines import PipelineConfig, default_metric
+from ..progress import Observer
 from ..registration import Registration, Result
 from ..spatial import inside
-from ..transforms import (DisplacementField, LinearTransform, StationaryVelocityField, write_displacement_field,
-                          write_transform)
+from ..transforms import (DisplacementField, LinearTransform, StationaryVelocityField, Transform,
+                          write_displacement_field, write_transform)
 from .staging import staged_output
 
 __all__ = ["OUTPUTS", "Outputs", "as_image", "as_points", "register_pair", "write_outputs", "register_files",
@@ -256,12 +257,12 @@ def _one(transform, i: int):
                     if isinstance(value, torch.nn.Parameter):
                         piece = torch.nn.Parameter(piece, requires_grad=False)
                     setattr(module, name, piece)
-            if hasattr(module, "batch_size"):
+            if isinstance(module, Transform):
                 module.batch_size = 1
     return single
 
 
-class _PerPairObjective:
+class _PerPairObjective(Observer):
     """Observer: each pair's objective per iteration (the engine reports the batch's sum; the
     terms come per pair, and the objective is their weighted sum)."""
 

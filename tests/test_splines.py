@@ -1,0 +1,103 @@
+"""Cubic B-splines and per-axis interpolation weights, against scipy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from scipy.interpolate import BSpline
+
+from airlab.splines import (bspline_interpolate, cubic_axis_weights, cubic_derivatives, cubic_weights, evaluate,
+                            linear_axis_weights, node_gradient, prefilter)
+
+
+def test_cubic_weights_are_scipys_basis():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)[:-1]
+    basis = BSpline.basis_element([-2, -1, 0, 1, 2], extrapolate=False)
+    # knot floor(u) - 1 + k sits at offset k - 1 from floor(u): its weight is B3(t - (k - 1))
+    expected = np.stack([basis(t.numpy() - (k - 1)) for k in range(4)], axis=-1)
+    assert np.allclose(cubic_weights(t).numpy(), expected, atol=1e-14)
+    assert torch.allclose(cubic_weights(t).sum(-1), torch.ones_like(t))
+
+
+def test_cubic_derivatives_are_the_weights_derivatives():
+    t = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    for k in range(4):
+        (g,) = torch.autograd.grad(cubic_weights(t)[:, k].sum(), t)
+        assert torch.allclose(g, cubic_derivatives(t.detach())[:, k], atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (6, 7, 8)])
+def test_interpolation_equals_scipy_map_coordinates(shape, rng):
+    data = rng.normal(size=shape)
+    d = len(shape)
+    index = rng.uniform(-0.4, np.array(shape[::-1]) - 0.6, size=(40, d))  # ITK order: x first
+    ours = bspline_interpolate(torch.as_tensor(data)[None, None], torch.as_tensor(index)[None])[0, 0]
+    # scipy's coordinates run along the array axes: the reverse of ITK's order
+    theirs = ndimage.map_coordinates(data, index[:, ::-1].T, order=3, mode="mirror")
+    assert np.allclose(ours.numpy(), theirs, atol=1e-10)
+
+
+def test_prefilter_interpolates_and_keeps_the_batch_apart(rng):
+    data = torch.as_tensor(rng.normal(size=(3, 2, 7, 9)))
+    coefficients = prefilter(data)
+    single = torch.cat([prefilter(data[i:i + 1]) for i in range(3)])
+    assert torch.allclose(coefficients, single, atol=1e-14)
+    nodes = torch.stack(torch.meshgrid(torch.arange(9.0), torch.arange(7.0), indexing="xy"), -1).reshape(1, -1, 2)
+    values = evaluate(coefficients, nodes.double().expand(3, -1, -1))
+    assert torch.allclose(values, data.flatten(2), atol=1e-10)
+
+
+def test_float32_follows_float64(rng):
+    data = torch.as_tensor(rng.normal(size=(1, 1, 8, 9)))
+    index = torch.as_tensor(rng.uniform(0, 7, size=(1, 30, 2)))
+    high = bspline_interpolate(data, index)
+    low = bspline_interpolate(data.float(), index.float())
+    assert low.dtype == torch.float32 and torch.allclose(low.double(), high, atol=1e-5)
+
+
+def test_evaluate_gradcheck(rng):
+    coefficients = torch.as_tensor(rng.normal(size=(2, 1, 5, 6)), dtype=torch.float64).requires_grad_(True)
+    index = torch.as_tensor(rng.uniform(0.1, 3.9, size=(2, 7, 2)), dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(evaluate, (coefficients, index))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_node_gradient_is_the_splines_derivative_at_the_voxels(d, rng):
+    shape = (5, 6, 7)[:d]
+    coefficients = torch.as_tensor(rng.normal(size=(1, 1, *shape)))
+    grads = node_gradient(coefficients)  # [1, D, *S], component a along ITK axis a
+    nodes = torch.stack(torch.meshgrid(*[torch.arange(float(n)) for n in shape[::-1]], indexing="ij"), -1)
+    nodes = nodes.permute(*range(d - 1, -1, -1), d).reshape(1, -1, d).double()  # tensor order of the voxels
+    h = 1e-5
+    for a in range(d):
+        step = torch.zeros(d, dtype=torch.float64)
+        step[a] = h
+        numeric = (evaluate(coefficients, nodes + step) - evaluate(coefficients, nodes - step)) / (2 * h)
+        assert torch.allclose(grads[:, a].flatten(), numeric.flatten(), atol=1e-7)
+
+
+def test_linear_axis_weights_are_numpys_interp(rng):
+    n = 6
+    samples = rng.normal(size=n)
+    position = torch.as_tensor(rng.uniform(-2, n + 1, size=25))
+    weights = linear_axis_weights(position, n, outside=False)
+    assert np.allclose(weights.numpy() @ samples, np.interp(position.numpy(), np.arange(n), samples), atol=1e-12)
+    masked = linear_axis_weights(position, n, outside=True)
+    inside = ((position >= -0.5) & (position < n - 0.5)).numpy()
+    assert np.allclose(masked.numpy()[inside], weights.numpy()[inside]) and not masked.numpy()[~inside].any()
+
+
+def test_cubic_axis_weights_evaluate_the_spline_along_an_axis(rng):
+    n = 8
+    coefficients = torch.as_tensor(rng.normal(size=n))
+    position = torch.as_tensor(rng.uniform(-1.5, n + 0.5, size=30))
+    matrix = cubic_axis_weights(position, n, boundary="border")
+    # "border": knots beyond the ends repeat the edge coefficient; scipy's basis j is centred on
+    # its knot t_j + 2, so knot j - 3 of the padded coefficients has t_j = j - 5
+    padded = np.concatenate([[coefficients[0]] * 3, coefficients.numpy(), [coefficients[-1]] * 3])
+    spline = BSpline(np.arange(len(padded) + 4) - 5.0, padded, 3)
+    assert np.allclose((matrix @ coefficients).numpy(), spline(position.numpy()), atol=1e-12)
+    valid = position > 2
+    assert not cubic_axis_weights(position, n, valid=valid)[~valid].any()
