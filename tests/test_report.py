@@ -198,3 +198,34 @@ def test_deformation_panels_show_the_deformable_part_relative_to_the_linear_one(
     whole = al.transforms.Composite(field, linear).displacement(grid).detach()
     relative = report._relative_to_linear(whole, grid, linear)
     assert torch.allclose(relative, deformable, atol=1e-9)
+
+
+def test_a_determinant_given_by_the_caller_is_the_relative_one():
+    """write_report(determinant=det T) shows det T / det L, the deformable part's determinant."""
+    from airlab.regularisers import jacobian_determinant
+
+    grid = al.Grid([20, 24], [1.5, 1.0], [3.0, -7.0], [0.6, -0.8, 0.8, 0.6])
+    linear = al.transforms.Affine(2, 1, matrix=torch.tensor([[[1.2, 0.1], [-0.05, 0.9]]], dtype=torch.float64),
+                                  translation=torch.tensor([[15.0, -8.0]], dtype=torch.float64))
+    field = al.transforms.DisplacementField(grid, 1, _folded(grid) * 0.1)
+    whole = al.transforms.Composite(field, linear).displacement(grid).detach()
+    relative = jacobian_determinant(report._relative_to_linear(whole, grid, linear), grid)
+    given = jacobian_determinant(whole, grid) / torch.linalg.det(linear.matrix()[0])
+    assert torch.allclose(given, relative, atol=1e-9)
+
+
+def test_the_report_with_and_without_a_given_determinant_agrees(tmp_path):
+    from airlab.regularisers import jacobian_determinant
+
+    grid = al.Grid([20, 24], [1.5, 1.0], [3.0, -7.0])
+    image = al.Image(torch.rand(1, 1, *grid.shape, generator=torch.Generator().manual_seed(0)), grid)
+    linear = al.transforms.Affine(2, 1, matrix=torch.tensor([[[1.1, 0.1], [-0.05, 0.9]]], dtype=torch.float64))
+    field = al.transforms.DisplacementField(grid, 1, _folded(grid) * 0.1)
+    whole = al.transforms.Composite(field, linear).displacement(grid).detach()
+    tables = []
+    for name, det in (("computed", None), ("given", jacobian_determinant(whole, grid)[0])):
+        (tmp_path / name).mkdir()
+        _, html = report.write_report(tmp_path / name, image, image, image, whole, [], {}, linear=linear,
+                                      determinant=det)
+        tables.append(re.findall(r"<td>(.*?)</td>", html.read_text()))
+    assert tables[0] and tables[0] == tables[1]

@@ -293,7 +293,8 @@ document.getElementById("rendered").textContent=i.filter(function(x){return x.co
 
 
 def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacement, history: list[dict],
-                 metrics: dict, *, linear=None, fixed_mask: Image | None = None) -> tuple[Path, Path]:
+                 metrics: dict, *, linear=None, fixed_mask: Image | None = None,
+                 determinant: torch.Tensor | None = None) -> tuple[Path, Path]:
     """Write ``report.png`` and ``report.html`` into ``outdir``; return their paths.
 
     ``displacement``: the whole transform on ``fixed.grid``, as ``[1, D, *shape]`` or
@@ -301,7 +302,8 @@ def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacemen
     ``metrics``: what goes into metrics.json (scalars and dicts of scalars are tabulated).
     ``linear``: the linear part of the transform (``Result.linear_part()``); the deformation
     panels then show the deformable part relative to it. ``fixed_mask``: outlined on them
-    (default: the fixed image's foreground).
+    (default: the fixed image's foreground). ``determinant``: ``det(I + J)`` of the whole
+    displacement on ``fixed.grid``, when the caller has computed it (else it is computed here).
     """
     from matplotlib.figure import Figure  # no pyplot: nothing global changes, no display needed
 
@@ -314,7 +316,13 @@ def write_report(outdir, fixed: Image, moving: Image, warped: Image, displacemen
             disp = _relative_to_linear(disp, fixed.grid, linear.to("cpu"))
         # once, float64: it decides the folding count (the same for the deformable part: det T =
         # det L det D with det L > 0, and SD log-J does not see the constant log det L)
-        det = jacobian_determinant(disp, fixed.grid)
+        if determinant is None:
+            det = jacobian_determinant(disp, fixed.grid)
+        else:
+            det = determinant.detach().cpu().to(torch.float64).reshape(1, *fixed.grid.shape)
+            if linear is not None:
+                # x + deformable part = L^-1(T(x)): its determinant is det T / det L
+                det = det / torch.linalg.det(linear.to("cpu").matrix().detach()[0].to(torch.float64))
         jac = determinant_stats(det.numpy())
     window = _window(fixed)
     planes = _planes(fixed, window)

@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from ..evaluate import determinant_stats
 from ..image import Image, as_image, resample, write_image  # as_image: re-exported (airlab.workflows)
 from ..landmarks import LANDMARK_WEIGHT
 from ..pipelines import PipelineConfig, default_metric
 from ..progress import Observer
+from ..regularisers import jacobian_determinant
 from ..registration import Registration, Result
 from ..spatial import inside
 from ..transforms import (DisplacementField, LinearTransform, StationaryVelocityField, Transform,
@@ -185,6 +187,11 @@ def write_outputs(outputs: Outputs, folder: Path, *, report: bool = True, starte
             jobs.append(pool.submit(write_transform, linear.to("cpu"), folder / "affine.txt"))
         for job in jobs:
             job.result()
+    # once per pair, float64 (determinants near zero decide the folding count): metrics.json,
+    # results.csv and the report's Jacobian panel all use it
+    with torch.no_grad():
+        det = jacobian_determinant(outputs.displacement.field.detach()[:1].cpu().to(torch.float64), outputs.fixed.grid)
+    outputs.metrics["jacobian"] = determinant_stats(det.numpy())
     if started is not None:
         outputs.metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
     (folder / "metrics.json").write_text(json.dumps(outputs.metrics, indent=2))
@@ -195,7 +202,7 @@ def write_outputs(outputs: Outputs, folder: Path, *, report: bool = True, starte
         deformable = any(not isinstance(t, LinearTransform) for t in outputs.result.stages)
         write_report(folder, outputs.fixed, outputs.moving, outputs.warped, outputs.displacement.field.detach()[:1],
                      outputs.result.history, outputs.metrics, linear=linear if deformable else None,
-                     fixed_mask=outputs.fixed_mask)
+                     fixed_mask=outputs.fixed_mask, determinant=det)
 
 
 def register_files(fixed, moving, outdir, pipeline: PipelineConfig, *, fixed_mask=None, moving_mask=None,

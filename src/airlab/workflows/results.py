@@ -36,8 +36,9 @@ def _number(value, digits=6):
 
 
 def measure(pair: Pair, folder: Path) -> dict:
-    """The row of a finished pair, from its folder: times, device and final objective from
-    metrics.json; SDlogJ and folding of displacement.nii.gz; Dice and HD95 (means over labels)
+    """The row of a finished pair, from its folder: times, device, final objective, SDlogJ and
+    folding from metrics.json (SDlogJ and folding from displacement.nii.gz in folders written
+    before metrics.json held them); Dice and HD95 (means over labels)
     of the moving labels carried onto the fixed grid (nearest neighbour, as ``airlab
     evaluate``) against the fixed labels, when the manifest gives labels."""
     import torch
@@ -53,11 +54,14 @@ def measure(pair: Pair, folder: Path) -> dict:
            "registration_time_s": _number(metrics.get("registration_time_s")),
            "final_objective": _number(objectives[-1] if objectives else None),
            "batch_size": metrics.get("batch", {}).get("size", 1), "folder": pair.id}
-    field = read_displacement_field(folder / "displacement.nii.gz", dtype=torch.float64)
-    jac = jacobian_stats(field.field.detach()[0].numpy(), field.grid)
+    jac = metrics.get("jacobian")  # written with the pair since 2026-12-05; older folders: from the field
+    if jac is None:
+        field = read_displacement_field(folder / "displacement.nii.gz", dtype=torch.float64)
+        jac = jacobian_stats(field.field.detach()[0].numpy(), field.grid)
     row["sdlogj"] = _number(jac["log_jacobian_std"])
     row["folding_percent"] = _number(100.0 * jac["folding_fraction"])
     if pair.labelled:
+        field = read_displacement_field(folder / "displacement.nii.gz", dtype=torch.float64)
         fixed, moving = read_image(pair.fixed_labels), read_image(pair.moving_labels)
         with torch.no_grad():
             warped = resample(moving, field.grid, field, interpolation="nearest")
