@@ -2,7 +2,7 @@
 Gaussian sigma that would match them (airlab.sharpness; docs/architecture.md, "Sharpness matching").
 
     python benchmarks/sharpness.py [CONFIG.yaml] --case synth,colin-mni-2mm-rev,colin27-mni2,coronal-2d,ratlung-2d \
-        [--stage -1] [--threads 1]
+        [--stage -1] [--erode 3] [--threads 1]
 
 ``synth`` is ``accuracy.py``'s 2 mm MNI case, seed 1 (the moving image a deformed copy of the
 fixed one); the other names are ``real_cases.py``'s. The images are prepared as the engine
@@ -42,12 +42,14 @@ def main():
     from airlab.inputs import prepare_pair
     from airlab.pipelines import load_config
     from airlab.pyramid import Pyramid
-    from airlab.sharpness import match_sharpness
+    from airlab.sharpness import ERODE_VOXELS, match_sharpness
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=str(HERE / "configs" / "intersubject_cubic.yaml"))
     parser.add_argument("--case", default="synth,colin-mni-2mm-rev,colin27-mni2,coronal-2d,ratlung-2d")
     parser.add_argument("--stage", type=int, default=-1, help="which stage's levels (default: the last)")
+    parser.add_argument("--erode", type=int, default=None, help="voxels the foreground is eroded by "
+                        "(default: airlab.sharpness.ERODE_VOXELS, what the stage option uses)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,7 +61,7 @@ def main():
         for level in config.build(fixed.grid)[args.stage].levels:
             data = pyramid[level]
             _, _, (match,) = match_sharpness(data.fixed, data.grid, data.fixed_weight, data.moving, data.moving_grid,
-                                             data.moving_mask)
+                                             data.moving_mask, erode=args.erode or ERODE_VOXELS)
             grid = data.moving_grid if match.smoothed == "moving" else data.grid
             voxel = sum(grid.spacing) / grid.ndim
             print(json.dumps({"case": name, "shrink": level.shrink, "level_sigma_mm": level.sigma,

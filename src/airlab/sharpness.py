@@ -100,19 +100,19 @@ def _one(data: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def match_sharpness(fixed: torch.Tensor, fixed_grid: Grid, fixed_mask: torch.Tensor | None, moving: torch.Tensor,
-                    moving_grid: Grid, moving_mask: torch.Tensor | None
+                    moving_grid: Grid, moving_mask: torch.Tensor | None, *, erode: int = ERODE_VOXELS
                     ) -> tuple[torch.Tensor, torch.Tensor, list[SharpnessMatch]]:
     """``(fixed, moving, matches)``: the pair (``[N or 1, 1, *S]`` each) with the sharper image of
     every pair smoothed to the other's sharpness (per pair; a shared fixed image smoothed for
     one pair of a batch becomes one copy per pair). Multi-channel images are measured on their
-    first channel and smoothed on all."""
+    first channel and smoothed on all. ``erode``: see :func:`foreground`."""
     batch = max(fixed.shape[0], moving.shape[0])
     fixed_out, moving_out, matches = [], [], []
     for n in range(batch):
         f, m = _one(fixed, n), _one(moving, n)
         fm = None if fixed_mask is None else _one(fixed_mask, n)
         mm = None if moving_mask is None else _one(moving_mask, n)
-        f_region, m_region = foreground(f[:, :1], fm), foreground(m[:, :1], mm)
+        f_region, m_region = foreground(f[:, :1], fm, erode=erode), foreground(m[:, :1], mm, erode=erode)
         sf, sm = sharpness(f[:, :1], fixed_grid, f_region), sharpness(m[:, :1], moving_grid, m_region)
         smoothed, sigma = None, 0.0
         if sm > sf:
