@@ -86,7 +86,9 @@ class Stage:
             moving image's B-spline prefilter) by the Gaussian that makes it as sharp as the
             other (:mod:`airlab.sharpness`), so that a blur mismatch between different
             acquisitions is not matched by the transform; the history records the sharpness
-            values and the sigma of each level under ``"sharpness"``.
+            values and the sigma of each level under ``"sharpness"``. Off in every preset: on the
+            real pairs measured it did not recover cubic sampling's loss, and it reads a change
+            of contrast as sharpness (docs/architecture.md, "Sharpness matching").
     """
 
     transform: TransformFactory | Transform
