@@ -39,7 +39,8 @@ def case(fixed, labels, seed, contrast=False):
     return deformation, moving, truth
 
 
-def measure(name, fixed, labels, seed, metric=None, contrast=False):
+def measure(name, fixed, labels, seed, metric=None, contrast=False, history=None):
+    """One case's errors; ``history`` (a list), when given, receives the registration's history."""
     deformation, moving, truth = case(fixed, labels, seed, contrast)
     start = time.perf_counter()
     if isinstance(name, PipelineConfig):
@@ -48,6 +49,8 @@ def measure(name, fixed, labels, seed, metric=None, contrast=False):
         registration = Registration(preset(name, fixed.grid, metric=metric), progress=False)
     result = registration(fixed, moving)
     seconds = time.perf_counter() - start
+    if history is not None:
+        history.extend(result.history)
     brain = (labels.data[0, 0] > 0).numpy() if labels is not None else (fixed.data[0, 0] > 20).numpy()
     with torch.no_grad():
         est = result.transform.displacement(fixed.grid)[0].numpy()

@@ -57,7 +57,13 @@ def real(config, case_name: str) -> dict:
         out = result.outputs
         write_displacement_field(out.displacement, out.fixed.grid, path)
         row = rc.measure_real(case, path)
-    return row | {"cpu_s": seconds}
+    return row | {"cpu_s": seconds, "sharpness": _sharpness(result.history)}
+
+
+def _sharpness(history) -> list:
+    """Per level of a stage with ``match_sharpness``: which image was smoothed, by how many mm."""
+    return [[h["stage"], h["level"], h["sharpness"][0]["smoothed"], h["sharpness"][0]["sigma_mm"]]
+            for h in history if "sharpness" in h]
 
 
 def synthetic(config, contrast: bool) -> dict:
@@ -66,8 +72,9 @@ def synthetic(config, contrast: bool) -> dict:
 
     fixed, labels = mni152()
     start = time.process_time()
-    row = accuracy.measure(config, fixed, labels, 1, contrast=contrast)
-    return row | {"cpu_s": time.process_time() - start}
+    history = []
+    row = accuracy.measure(config, fixed, labels, 1, contrast=contrast, history=history)
+    return row | {"cpu_s": time.process_time() - start, "sharpness": _sharpness(history)}
 
 
 def match(config) -> dict:
@@ -143,11 +150,15 @@ def main():
             r = real(config, args.case)
             dice = {k: round(v, 4) for k, v in r.items() if k.startswith("dice")}
             row["real"] = dice | {"sdlogj": round(r["sdlogj"], 3), "folding": r["folding"], "cpu_s": round(r["cpu_s"], 1)}
+            if r["sharpness"]:
+                row["real"]["sharpness"] = r["sharpness"]
         for key, contrast in (("synth", False), ("contrast", True)):
             if key in what:
                 r = synthetic(config, contrast)
                 row[key] = {"mean_mm": round(r["mean"], 3), "p95_mm": round(r["p95"], 3), "folding": r["folding"],
                             "cpu_s": round(r["cpu_s"], 1)}
+                if r["sharpness"]:
+                    row[key]["sharpness"] = r["sharpness"]
         if "match" in what:
             row["match"] = match(config)
         if "fair" in what:

@@ -113,7 +113,8 @@ class Pyramid:
                  moving_mask):
         self._inputs = (fixed, fixed_grid, fixed_mask, moving, moving_grid, moving_mask)
         self._levels: dict[tuple[float, float], LevelData] = {}
-        self._splines: dict[tuple[float, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._splines: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._matched: dict[tuple[float, float], tuple[LevelData, list]] = {}
 
     def __getitem__(self, level: Level) -> LevelData:
         key = (float(level.shrink), float(level.sigma))
@@ -121,13 +122,28 @@ class Pyramid:
             self._levels[key] = prepare_level(level, *self._inputs)
         return self._levels[key]
 
-    def spline(self, level: Level) -> tuple[torch.Tensor, torch.Tensor]:
-        """The level's moving image as a cubic B-spline: its coefficients and their derivatives
-        at the voxels (what :func:`airlab.splines.sample_cubic` takes), computed once."""
-        from .splines import node_gradient, prefilter
+    def matched(self, level: Level) -> tuple[LevelData, list]:
+        """The level with the sharper image of each pair smoothed to the other's sharpness
+        (:func:`airlab.sharpness.match_sharpness`), and what was found (a
+        :class:`~airlab.sharpness.SharpnessMatch` per pair), computed once."""
+        from .sharpness import match_sharpness
 
         key = (float(level.shrink), float(level.sigma))
+        if key not in self._matched:
+            data = self[level]
+            fixed, moving, found = match_sharpness(data.fixed, data.grid, data.fixed_weight, data.moving,
+                                                   data.moving_grid, data.moving_mask)
+            self._matched[key] = (dataclasses.replace(data, fixed=fixed, moving=moving), found)
+        return self._matched[key]
+
+    def spline(self, level: Level, matched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The level's moving image (``matched``: after :meth:`matched`) as a cubic B-spline: its
+        coefficients and their derivatives at the voxels (what
+        :func:`airlab.splines.sample_cubic` takes), computed once."""
+        from .splines import node_gradient, prefilter
+
+        key = (float(level.shrink), float(level.sigma)) + (("matched",) if matched else ())
         if key not in self._splines:
-            coefficients = prefilter(self[level].moving)
+            coefficients = prefilter(self.matched(level)[0].moving if matched else self[level].moving)
             self._splines[key] = (coefficients, node_gradient(coefficients))
         return self._splines[key]

@@ -121,6 +121,7 @@ class StageConfig(_Strict):
     gradient_sigma: float = Field(0.0, ge=0.0)
     exact_gradient: bool = True
     interpolation: Literal["linear", "bspline"] = "linear"  # the moving image's, while optimising
+    match_sharpness: bool = False  # smooth the sharper image of each level to the other's sharpness
     # transform: wendland only (compactly supported radial kernels on one lattice, no refinement)
     support: float | None = Field(None, gt=0)  # kernel radius, mm (default: twice control_spacing)
     order: Literal[2, 4, 6] | None = None  # smoothness C2, C4 (default), C6
@@ -201,7 +202,7 @@ class StageConfig(_Strict):
             levels=levels, optimizer=self.optimizer, lr=self.lr, decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
             gradient_sigma=self.gradient_sigma, interpolation=self.interpolation,
-            name=self.name or f"{self.transform} {index + 1}",
+            match_sharpness=self.match_sharpness, name=self.name or f"{self.transform} {index + 1}",
         )
 
 

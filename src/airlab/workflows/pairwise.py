@@ -137,7 +137,8 @@ def register_pair(fixed, moving, pipeline: PipelineConfig, *, fixed_mask=None, m
     stages = [{"stage": h["stage"], "level": h["level"], "shrink": h["shrink"], "sigma_mm": h["sigma_mm"],
                "grid_size": h["grid_size"], "iterations": h["iterations"],
                "final_objective": h["objective"][-1] if h["objective"] else None,
-               "final_terms": h.get("final_terms", {}), "time_s": h["time_s"]} for h in result.history]
+               "final_terms": h.get("final_terms", {}), "time_s": h["time_s"]}
+              | ({"sharpness": h["sharpness"]} if "sharpness" in h else {}) for h in result.history]
     metrics = {
         "command": "register",
         "preset": preset,
