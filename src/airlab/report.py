@@ -79,7 +79,10 @@ def _panel(ax, plane: _Plane, array, letters=True, **kw):
         lo_h, hi_h = ENDS[plane.h]
         top, bottom = ENDS[plane.v] if plane.vs[0] < plane.vs[-1] else ENDS[plane.v][::-1]
         for x, y, t in ((0.02, 0.5, lo_h), (0.98, 0.5, hi_h), (0.5, 0.97, top), (0.5, 0.03, bottom)):
-            ax.text(x, y, t, transform=ax.transAxes, color="w", fontsize=7, ha="center", va="center", alpha=0.8)
+            # inside the axes: nothing for the layout to make room for, and measuring every
+            # letter was most of constrained layout's work
+            ax.text(x, y, t, transform=ax.transAxes, color="w", fontsize=7, ha="center", va="center", alpha=0.8,
+                    in_layout=False)
     return im
 
 
