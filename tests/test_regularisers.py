@@ -269,3 +269,21 @@ def test_norm_shortcut_matches_physical_derivatives(sheared):
     u = torch.as_tensor(rng.normal(size=(2, 3, *grid.shape)))
     torch.testing.assert_close(diffusion(u, grid), jacobian(u, grid).pow(2).sum((1, 2)).flatten(1).mean(1))
     torch.testing.assert_close(bending_energy(u, grid), hessian(u, grid).pow(2).sum((1, 2, 3)).flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("slices", [17, 34, 40])
+def test_determinant_in_slabs_equals_the_whole_field(slices, rng):
+    """Without autograd a 3D field is taken in slabs of 16 slices: the same numbers, borders included."""
+    grid = Grid([9, 7, slices], [1.0, 1.5, 2.0], [3.0, -2.0, 1.0], [0, 1, 0, -1, 0, 0, 0, 0, 1])
+    u = torch.as_tensor(rng.normal(size=(2, 3, slices, 7, 9)) * 0.3).requires_grad_(True)
+    whole = jacobian_determinant(u, grid)  # the gradient path: one piece
+    with torch.no_grad():
+        slabs = jacobian_determinant(u, grid)
+    assert torch.equal(whole.detach(), slabs)
+
+
+def test_determinant_in_another_dtype_equals_converting_first(rng):
+    grid = Grid([9, 7, 40], [1.0, 1.5, 2.0])
+    u = torch.as_tensor(rng.normal(size=(1, 3, 40, 7, 9)) * 0.3, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(jacobian_determinant(u, grid, torch.float64), jacobian_determinant(u.double(), grid))

@@ -10,6 +10,7 @@ then (tests/test_solver.py holds 1 and 7 to the same fields).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -166,8 +167,11 @@ def solve_level(objective: Objective, t: Transform, previous: Transform | None, 
                 with t.cached():
                     # the first iteration checks at once: a level that starts without overlap
                     # fails before any loss sees an empty mask
-                    evaluated["e"] = objective(t, previous, views[k], points[k], check_overlap=it == 0)
-                loss = evaluated["e"].total.sum()  # summing keeps every batch element's gradient its own
+                    e = objective(t, previous, views[k], points[k], check_overlap=it == 0)
+                loss = e.total.sum()  # summing keeps every batch element's gradient its own
+                # kept until the check, detached: the graph (and what autograd functions keep on
+                # their context) must not live into the next iteration
+                evaluated["e"] = dataclasses.replace(e, total=e.total.detach())
                 loss.backward()
                 return loss
 

@@ -191,7 +191,7 @@ def write_outputs(outputs: Outputs, folder: Path, *, report: bool = True, starte
     # once per pair, float64 (determinants near zero decide the folding count): metrics.json,
     # results.csv and the report's Jacobian panel all use it
     with torch.no_grad():
-        det = jacobian_determinant(outputs.displacement.field.detach()[:1].cpu().to(torch.float64), outputs.fixed.grid)
+        det = jacobian_determinant(outputs.displacement.field.detach()[:1].cpu(), outputs.fixed.grid, torch.float64)
     outputs.metrics["jacobian"] = determinant_stats(det.numpy())
     if started is not None:
         outputs.metrics["wall_time_s"] = round(time.perf_counter() - started, 3)
