@@ -227,5 +227,5 @@ def test_the_report_with_and_without_a_given_determinant_agrees(tmp_path):
         (tmp_path / name).mkdir()
         _, html = report.write_report(tmp_path / name, image, image, image, whole, [], {}, linear=linear,
                                       determinant=det)
-        tables.append(re.findall(r"<td>(.*?)</td>", html.read_text()))
+        tables.append(re.findall(r"<td>(.*?)</td>", html.read_text(encoding="utf-8")))
     assert tables[0] and tables[0] == tables[1]
