@@ -194,6 +194,23 @@ def test_a_worker_killed_during_a_pair_is_retried_elsewhere(data, tmp_path, clus
         assert json.loads((out / f"p{i}" / "metrics.json").read_text(encoding="utf-8"))["batch_id"] == f"p{i}"
 
 
+def test_on_dask_the_parent_process_never_imports_torch(data, tmp_path, cluster):
+    """The parent only validates the pipeline and sends it: importing the engine there was
+    about 1.2 s of every Dask run's start-up (issue 14). The workers register the pairs."""
+    local, _ = cluster
+    out = tmp_path / "out"
+    args = ["batch", str(manifest(data, [0, 1], "parent.csv")), "-o", str(out), "--preset", "diffeomorphic",
+            "--metric", "lncc", "--quiet", "--scheduler", local.scheduler_address]
+    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+            f"sys.argv = ['airlab', *{args!r}]; from airlab.cli import run; run()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported: False" in done.stdout
+    rows = results(out)
+    assert [rows[i]["status"] for i in ("p0", "p1")] == ["done", "done"]
+    assert (out / "p0" / "report.html").exists()
+
+
 def test_python_api_with_a_client(data, tmp_path, cluster):
     from airlab import batch
 

@@ -150,3 +150,46 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
     path.write_text(base.format(t="dense-velocity", o="field-adam", extra="gradient_sigma: 1.0"))
     stage = load_config(path).stages[0].build(0, al.Grid([20, 20], [1.0, 1.0]))
     assert stage.gradient_sigma == 1.0 and stage.transform.name == "dense-velocity"
+
+
+def test_the_schemas_name_tables_are_the_registries():
+    """The schema validates from pipelines/names.py without importing the engine; those tables
+    must say what the registries say."""
+    import inspect
+
+    from airlab.losses import LOSSES
+    from airlab.pipelines import names
+    from airlab.regularisers import REGULARISERS, ParameterRegulariser
+    from airlab.transforms import TRANSFORMS
+
+    assert names.TRANSFORM_NAMES == tuple(TRANSFORMS)
+    assert names.LOSS_OPTIONS == {k: tuple(inspect.signature(v).parameters) for k, v in LOSSES.items()}
+    assert names.REGULARISER_OPTIONS == {k: tuple(inspect.signature(v).parameters) for k, v in REGULARISERS.items()}
+    assert names.LATTICE_REGULARISERS == tuple(k for k, v in REGULARISERS.items() if issubclass(v, ParameterRegulariser))
+
+
+def test_validating_a_pipeline_imports_no_torch():
+    code = ("import sys; from airlab.pipelines import load_config, preset_pipeline, PRESETS; "
+            "[preset_pipeline(p, metric=m) for p in PRESETS for m in (None, 'lncc', 'mi')]; "
+            "import pickle; from airlab.workflows.batch import Settings; "
+            "pickle.dumps(Settings(preset_pipeline('intersubject'))); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_a_loss_added_to_the_registry_at_run_time_is_accepted(monkeypatch):
+    from airlab.losses import LOSSES, NCC
+    from airlab.pipelines import validate
+
+    class Mine(NCC):
+        def __init__(self, eps: float = 1e-8, scale: float = 1.0):
+            super().__init__(eps)
+
+    monkeypatch.setitem(LOSSES, "mine", Mine)
+    stage = {"transform": "affine", "losses": [{"name": "mine", "scale": 2.0}]}
+    assert validate({"stages": [stage]}, "test").stages[0].losses[0].name == "mine"
+    with pytest.raises(ConfigError, match="loss 'mine' has no option 'bins'"):
+        validate({"stages": [{**stage, "losses": [{"name": "mine", "bins": 3}]}]}, "test")
+    with pytest.raises(ConfigError, match="unknown loss 'theirs'"):
+        validate({"stages": [{**stage, "losses": [{"name": "theirs"}]}]}, "test")

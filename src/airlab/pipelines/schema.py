@@ -37,24 +37,26 @@ and :meth:`PipelineConfig.resolve` writes a preset out as stages.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator,
                       model_validator)
 
 from ..errors import ConfigError
-from ..losses import LOSSES
-from ..pyramid import Level
-from ..regularisers import REGULARISERS, ParameterRegulariser
-from ..registration import Stage
-from ..spatial import Grid
-from ..transforms import TRANSFORMS, TransformSpec
-from .names import METRICS, PRESETS
+from .names import LATTICE_REGULARISERS, LOSS_OPTIONS, METRICS, PRESETS, REGULARISER_OPTIONS, TRANSFORM_NAMES
+
+# The engine (and with it PyTorch) is imported where a pipeline is built, not where it is
+# validated: a batch runner's parent process validates and sends pipelines, nothing more.
+if TYPE_CHECKING:
+    from ..pyramid import Level
+    from ..registration import Stage
+    from ..spatial import Grid
 
 __all__ = ["ConfigError", "PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "load_config", "pyramid",
            "PRESETS", "METRICS"]
@@ -65,6 +67,8 @@ LINEAR = ("translation", "rigid", "similarity", "affine")
 def pyramid(grid: Grid, iterations: list[int] | int, *, finest: int = 1, coarsest_voxels: int = 25) -> list[Level]:
     """Levels coarse to fine with shrink factors 2**k, down to ``finest``; a list of iterations
     shorter than the pyramid is padded at the coarse end with its first value."""
+    from ..pyramid import Level
+
     factors = [1]
     while max(grid.size) / (factors[-1] * 2) >= coarsest_voxels:
         factors.append(factors[-1] * 2)
@@ -130,19 +134,22 @@ class StageConfig(_Strict):
     @field_validator("transform")
     @classmethod
     def _known_transform(cls, name):
-        if name not in TRANSFORMS:
-            raise ValueError(f"unknown transform {name!r}; choose from {', '.join(TRANSFORMS)}")
+        if name not in TRANSFORM_NAMES:
+            from ..transforms import TRANSFORMS  # one added at run time
+
+            if name not in TRANSFORMS:
+                raise ValueError(f"unknown transform {name!r}; choose from {', '.join(TRANSFORMS)}")
         return name
 
     @field_validator("losses")
     @classmethod
     def _known_losses(cls, terms):
-        return _known(terms, LOSSES, "loss")
+        return _known(terms, LOSS_OPTIONS, "losses", "LOSSES", "loss")
 
     @field_validator("regularisers")
     @classmethod
     def _known_regularisers(cls, terms):
-        return _known(terms, REGULARISERS, "regulariser")
+        return _known(terms, REGULARISER_OPTIONS, "regularisers", "REGULARISERS", "regulariser")
 
     @model_validator(mode="after")
     def _one_pyramid(self):
@@ -156,7 +163,7 @@ class StageConfig(_Strict):
         if wendland_only and self.transform != "wendland":
             raise ValueError(f"{', '.join(wendland_only)}: only for transform: wendland")
         velocity = self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic
-        lattice = [t.name for t in self.regularisers if issubclass(REGULARISERS[t.name], ParameterRegulariser)]
+        lattice = [t.name for t in self.regularisers if _lattice(t.name)]
         if lattice and (self.transform in LINEAR or self.transform == "dense-velocity"):
             raise ValueError(f"regulariser {lattice[0]!r} penalises a coefficient lattice, which transform "
                              f"{self.transform!r} does not have; use it with bspline, velocity or wendland")
@@ -166,6 +173,8 @@ class StageConfig(_Strict):
         return self
 
     def build_levels(self, grid: Grid) -> list[Level]:
+        from ..pyramid import Level
+
         if self.levels is not None:
             return [Level(**lv.model_dump()) for lv in self.levels]
         its = self.iterations if self.iterations is not None else 100
@@ -182,6 +191,11 @@ class StageConfig(_Strict):
         return levels
 
     def build(self, index: int, grid: Grid) -> Stage:
+        from ..losses import LOSSES
+        from ..registration import Stage
+        from ..regularisers import REGULARISERS
+        from ..transforms import TransformSpec
+
         levels = self.build_levels(grid)
         options = {}
         if self.transform not in LINEAR and self.transform != "dense-velocity":
@@ -245,15 +259,33 @@ class PipelineConfig(_Strict):
                 "normalise": self.normalise}
 
 
-def _known(terms, registry, what):
+def _registry(module: str, name: str) -> dict:
+    return getattr(importlib.import_module(f"..{module}", __package__), name)
+
+
+def _known(terms, built_in: dict, module: str, name: str, what: str):
+    """Each term's name and options, checked against the built-in table, or against the registry
+    (imported only then) for a name the table does not hold."""
     for t in terms:
-        if t.name not in registry:
-            raise ValueError(f"unknown {what} {t.name!r}; choose from {', '.join(registry)}")
-        accepted = inspect.signature(registry[t.name]).parameters
+        accepted = built_in.get(t.name)
+        if accepted is None:
+            registry = _registry(module, name)
+            if t.name not in registry:
+                raise ValueError(f"unknown {what} {t.name!r}; choose from {', '.join(registry)}")
+            accepted = inspect.signature(registry[t.name]).parameters
         for key in t.options():
             if key not in accepted:
                 raise ValueError(f"{what} {t.name!r} has no option {key!r}; it takes {', '.join(accepted) or 'none'}")
     return terms
+
+
+def _lattice(name: str) -> bool:
+    """Whether regulariser ``name`` penalises a coefficient lattice."""
+    if name in REGULARISER_OPTIONS:
+        return name in LATTICE_REGULARISERS
+    from ..regularisers import REGULARISERS, ParameterRegulariser
+
+    return issubclass(REGULARISERS[name], ParameterRegulariser)
 
 
 def _where(loc) -> str:

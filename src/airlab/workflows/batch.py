@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,6 @@ from pathlib import Path
 from ..errors import AirlabError, ManifestError
 from ..pipelines import PipelineConfig
 from .manifest import Pair, check_pairs, glob_pairs, read_manifest
-from .pairwise import register_batch, register_files, write_files
 from .results import check_outroot, failed_row, measure, write_index, write_results
 
 __all__ = ["Settings", "Summary", "run", "run_pairs", "register_one", "register_group", "one_line"]
@@ -66,10 +66,10 @@ class Summary:
 
 def one_line(exc: BaseException) -> str:
     """An error as one line for results.csv: airlab's own message, or the type and message."""
-    import torch
+    torch = sys.modules.get("torch")  # an error of torch's was raised (or unpickled) with torch imported
 
     text = " ".join(str(exc).split())
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+    if isinstance(exc, MemoryError) or torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return f"out of memory ({text or type(exc).__name__})"
     if isinstance(exc, AirlabError):
         return text
@@ -95,6 +95,8 @@ def register_one(pair: Pair, outroot, settings: Settings) -> dict:
     A finished pair never gets here. Files named like airlab's outputs in the folder of an
     unfinished one (a run killed while it moved them into place, or the user's own) stop the
     pair unless ``settings.overwrite``; nothing else in the folder is ever touched."""
+    from .pairwise import register_files  # the engine: in the worker, not in a Dask run's parent
+
     folder = Path(outroot) / pair.id
     record = {**(settings.record or {}), "batch_id": pair.id}
     try:
@@ -118,6 +120,8 @@ def _release_device() -> None:
 
 def _register_group(pairs: list[Pair], outroot: Path, settings: Settings) -> list[dict]:
     """Register same-grid pairs in one engine run and write each pair's folder."""
+    from .pairwise import register_batch, write_files
+
     start = time.perf_counter()
     device = _device(settings.device)
     try:
