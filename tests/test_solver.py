@@ -12,7 +12,6 @@ import airlab as al
 from airlab.errors import RegistrationError
 from airlab.losses import MSE
 from airlab.pipelines import preset
-from airlab.progress import Observer
 from airlab.registration import Level, Registration, Stage
 from airlab.solver import Convergence, cosine_factor, make_optimizer, param_groups
 from airlab.transforms import Affine, Rigid
@@ -64,31 +63,6 @@ def test_checking_every_few_iterations_finds_the_same_transform(pair, check_ever
             assert a["objective"] == pytest.approx(b["objective"], rel=1e-3)
 
 
-class Events(Observer):
-    def __init__(self):
-        self.seen = []
-
-    def level_start(self, info):
-        self.seen.append(("start", info["level"]))
-
-    def iteration(self, info):
-        self.seen.append(("iteration", info["iteration"]))
-
-    def level_end(self, info):
-        self.seen.append(("end", info["iterations"]))
-
-
-def test_every_iteration_event_arrives_in_order(pair):
-    fixed, moving, _ = pair
-    stages = [Stage(lambda g, n: Affine(2, n), losses=[(1.0, MSE())], levels=[Level(4, 2, 11), Level(2, 1, 5)],
-                    tolerance=0.0)]
-    events = Events()
-    Registration(stages, progress=False, callbacks=[events], check_every=4).run(fixed, moving)
-    expected = [("start", 0), *[("iteration", i) for i in range(11)], ("end", 11),
-                ("start", 1), *[("iteration", i) for i in range(5)], ("end", 5)]
-    assert events.seen == expected
-
-
 class NanAfter(nn.Module):
     """MSE until ``after`` evaluations, then nan."""
 
@@ -112,8 +86,3 @@ def test_a_non_finite_objective_is_reported_at_the_check(pair):
 def test_check_every_must_be_positive():
     with pytest.raises(ValueError, match="check_every"):
         Registration([Stage(lambda g, n: Affine(2, n), losses=[(1.0, MSE())])], check_every=0)
-
-
-def test_a_callback_must_be_an_observer_or_callable():
-    with pytest.raises(TypeError, match="Observer or a callable"):
-        Registration([Stage(lambda g, n: Affine(2, n), losses=[(1.0, MSE())])], callbacks=[42])

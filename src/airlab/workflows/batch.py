@@ -32,7 +32,7 @@ from ..pipelines import PipelineConfig
 from .manifest import Pair, check_pairs, glob_pairs, read_manifest
 from .results import check_outroot, failed_row, measure, write_index, write_results
 
-__all__ = ["Settings", "Summary", "run", "run_pairs", "register_one", "register_group", "one_line"]
+__all__ = ["Settings", "Summary", "run", "run_pairs", "open_client", "register_one", "register_group", "one_line"]
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,16 @@ def _run_local(todo, outroot, settings, retries, batch_size, tally) -> None:
             tally.add(row)
 
 
-def _client(client, scheduler, cluster, workers):
-    """The Dask client to use and what to close afterwards (``None`` to run in this process)."""
+def open_client(client=None, scheduler=None, cluster=None, workers=1):
+    """The Dask client a run uses, and the things to close when it ends.
+
+    ``client``: a ``dask.distributed.Client`` the caller holds (used as it is, nothing to close);
+    ``scheduler``: a scheduler's address to connect to; ``cluster``: ``"local:N"``, N worker
+    processes started here; ``workers``: more than 1 also starts a local cluster of that many.
+    Returns ``(client, to_close)``: ``client`` is ``None`` when the pairs run in this process;
+    call ``close()`` on each item of ``to_close`` (in order) when done. Raises ``ManifestError``
+    when Dask is needed but not installed, or for a ``cluster`` that is not ``local:N``.
+    """
     if client is not None:
         return client, []
     if scheduler is None and cluster is None and workers <= 1:
@@ -338,7 +346,7 @@ def run_pairs(pairs: list[Pair], outroot, settings: Settings, *, retries: int = 
         except Exception as exc:  # noqa: BLE001
             tally.add(failed_row(pair, f"finished earlier, but its outputs cannot be read: {one_line(exc)}"))
     tally.progress = progress
-    dask_client, to_close = _client(client, scheduler, cluster, workers)
+    dask_client, to_close = open_client(client, scheduler, cluster, workers)
     try:
         if dask_client is None:
             _run_local(todo, outroot, settings, retries, batch_size, tally)

@@ -46,7 +46,7 @@ import torch
 
 from ..errors import GroupError, OutputExistsError, RegistrationError
 from ..pipelines import PipelineConfig
-from .batch import Settings, _client, run_pairs
+from .batch import Settings, open_client, run_pairs
 from .manifest import Pair
 from .pairwise import OUTPUTS
 
@@ -427,7 +427,7 @@ def build(images, outdir, *, iterations: int = 4, preset: str | None = "diffeomo
         progress.start(n * rounds, n * done_rounds)
     work = outdir / WORK
     common = dict(retries=retries, batch_size=batch_size, progress=progress)
-    dask_client, to_close = _client(client, scheduler, cluster, workers)
+    dask_client, to_close = open_client(client, scheduler, cluster, workers)
     record = {**(record or {}), "template_run": str(outdir)}
     try:
         # ---- iteration 0: the initial template

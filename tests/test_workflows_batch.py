@@ -283,7 +283,7 @@ def test_cluster_and_batch_size_give_every_worker_a_batch(data, tmp_path):
 def test_the_workers_airlab_starts_keep_glibcs_adaptive_malloc(monkeypatch):
     """Dask's default MALLOC_TRIM_THRESHOLD_ made a 2 mm registration take 1.85x the CPU time;
     a value the user set themselves is still passed on."""
-    from airlab.workflows.batch import _client
+    from airlab.workflows.batch import open_client
 
     def threshold():
         return os.environ.get("MALLOC_TRIM_THRESHOLD_")
@@ -292,12 +292,24 @@ def test_the_workers_airlab_starts_keep_glibcs_adaptive_malloc(monkeypatch):
     for mine in (None, "131072"):
         if mine is not None:
             monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", mine)
-        client, to_close = _client(None, None, "local:1", 1)
+        client, to_close = open_client(cluster="local:1")
         try:
             assert list(client.run(threshold).values()) == [mine]
         finally:
             for thing in to_close:
                 thing.close()
+
+
+def test_open_client_runs_in_process_uses_a_given_client_and_refuses_a_bad_cluster():
+    from airlab.errors import ManifestError
+    from airlab.workflows.batch import open_client
+
+    assert open_client() == (None, [])  # one worker, no scheduler: the pairs run in this process
+    mine = object()
+    assert open_client(mine, workers=4) == (mine, [])  # the caller's client: theirs to close
+    for bad in ("remote:2", "local:0", "local:x"):
+        with pytest.raises(ManifestError, match="local:N"):
+            open_client(cluster=bad)
 
 
 def test_a_batch_that_runs_out_of_memory_is_split(data, tmp_path, monkeypatch):

@@ -1,10 +1,6 @@
-"""Template building (`airlab template`, airlab.template): the numerics, a small 2D group with a
-known mean shape, and the command line end to end (resume, bad input, SimpleITK-readable files).
-
-The group: the shipped MNI axial slice at 3 mm warped by seeded smooth deformations D_i (image i
-is MNI o D_i). With v_i the exact inverse of D_i, the template in the middle of the group sees
-the slice through G = (id + mean v_i)^-1, and a template's position error is
-|mean_i D_i(T_i(x)) - G(x)| for the transforms T_i found from it to the images."""
+"""Template building (`airlab template`, airlab.template, workflows/template.py): a small 2D group
+with a known mean shape (conftest's ``group``), and the command line end to end (resume, bad
+input, SimpleITK-readable files). The numerics are in test_groupwise.py."""
 
 import json
 import os
@@ -18,35 +14,13 @@ import SimpleITK as sitk
 import torch
 
 import airlab as al
-from airlab.datasets import example_path
 from airlab.errors import GroupError, OutputExistsError
-from airlab.groupwise import RunningMean, foreground, shape_update, sharpen, sharpness
-from airlab.synthetic import ground_truth, random_deformation
+from airlab.groupwise import sharpness
 from airlab.template import TemplateProgress, build, image_names
-from airlab.transforms import DisplacementField, Translation, invert_displacement, read_displacement_field
+from airlab.transforms import read_displacement_field
 
-N = 4
-
-
-@pytest.fixture(scope="module")
-def group(tmp_path_factory):
-    root = tmp_path_factory.mktemp("group")
-    full = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
-    grid = full.grid.with_spacing(3.0)
-    deformations, paths, mean_inverse = [], [], RunningMean()
-    with torch.no_grad():
-        base = al.resample(full, grid)
-        for i in range(N):
-            d = random_deformation(grid, i, max_displacement=6.0)
-            al.write_image(al.resample(base, grid, d, interpolation="bspline"), root / f"s{i}.nii.gz")
-            mean_inverse.add(ground_truth(d, grid)[0].field.detach().double())
-            deformations.append(d.double())
-            paths.append(root / f"s{i}.nii.gz")
-        w, _ = invert_displacement(mean_inverse.mean, grid)
-        truth = al.resample(base.to(torch.float64), grid, DisplacementField(grid, 1, w), interpolation="bspline")
-    g_true = grid.points(torch.float64) + torch.movedim(w, 1, -1)
-    return {"root": root, "paths": paths, "grid": grid, "base": base, "deformations": deformations,
-            "g_true": g_true, "truth": truth, "mask": foreground(truth.data)}
+from conftest import GROUP_SIZE as N
+from conftest import group_epe
 
 
 @pytest.fixture(scope="module")
@@ -60,56 +34,6 @@ def airlab(*args):
     done = subprocess.run([sys.executable, "-m", "airlab", "template", *map(str, args)], capture_output=True,
                           text=True, timeout=600)
     return done.returncode, done.stdout, done.stderr
-
-
-# ------------------------------------------------------------------------------ numerics
-def test_running_mean_weighted_and_holds_nothing_it_is_given():
-    rng = np.random.default_rng(0)
-    values = [torch.as_tensor(rng.normal(size=(1, 1, 5, 6))) for _ in range(7)]
-    weights = [torch.as_tensor(rng.uniform(0, 1, size=(1, 1, 5, 6))) for _ in range(7)]
-    mean = RunningMean()
-    alive = []
-    for v, w in zip(values, weights):
-        given = v.clone()
-        alive.append(weakref.ref(given))
-        mean.add(given, w)
-        del given
-    assert all(ref() is None for ref in alive)  # streamed: nothing kept but the sums
-    expected = sum(v * w for v, w in zip(values, weights)) / sum(weights)
-    assert torch.allclose(mean.mean, expected, atol=1e-12)
-    plain = RunningMean()
-    for v in values:
-        plain.add(v)
-    assert torch.allclose(plain.mean, torch.stack(values).mean(0), atol=1e-12) and plain.count == 7
-    zero = RunningMean()
-    zero.add(torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
-    assert torch.equal(zero.mean, torch.zeros(1, 1, 2, 2))
-
-
-def test_shape_update_removes_the_mean_displacement(group):
-    """A template seen through a shift t (the group's mean displacement is t) comes back."""
-    base, grid = group["base"], group["grid"]
-    shift = Translation(2, translation=[4.5, -3.0], dtype=torch.float64)
-    with torch.no_grad():
-        shifted = al.resample(base.to(torch.float64), grid, shift, interpolation="bspline")
-        u = shift.displacement(grid)
-    moved, residual = shape_update(shifted, u)
-    inner = torch.zeros(grid.shape, dtype=torch.bool)
-    inner[5:-5, 5:-5] = True
-    error = (moved.data[0, 0] - base.data[0, 0].double()).abs()[inner]
-    assert residual < 1e-3
-    assert float(error.mean()) < 0.01 * float(base.data.max()), float(error.mean())
-
-
-def test_sharpness_sees_blur_and_sharpen_restores_it(group):
-    base = group["base"]
-    from airlab.filters import smooth_mm
-
-    blurred = al.Image(smooth_mm(base.data, base.grid, 3.0), base.grid)
-    mask = foreground(base.data)
-    assert sharpness(blurred, mask) < 0.8 * sharpness(base, mask)
-    assert sharpness(sharpen(blurred, 1.0), mask) > 1.1 * sharpness(blurred, mask)
-    assert sharpen(base, 0.0) is base
 
 
 def test_averaging_reads_one_image_at_a_time(group, built, monkeypatch):
@@ -147,10 +71,6 @@ def _where_in_slice(folder, group, before=None):
     return total / N
 
 
-def _epe(mapped, group):
-    return float((mapped - group["g_true"]).norm(dim=-1)[0][group["mask"]].mean())
-
-
 def test_template_is_nearer_the_true_mean_than_the_affine_average(group, built):
     out, summary = built
     work = out / ".airlab-template-work"
@@ -159,9 +79,9 @@ def test_template_is_nearer_the_true_mean_than_the_affine_average(group, built):
     # not centred): registrations to it are those to template_00 composed with M0
     m0 = sum(read_displacement_field(work / "iter_00" / f"s{i}" / "displacement.nii.gz",
                                      dtype=torch.float64).field.detach() for i in range(N)) / N
-    plain = _epe(_where_in_slice(work / "iter_01", group, grid.points(torch.float64) + torch.movedim(m0, 1, -1)),
+    plain = group_epe(_where_in_slice(work / "iter_01", group, grid.points(torch.float64) + torch.movedim(m0, 1, -1)),
                  group)
-    final = _epe(_where_in_slice(out / "images", group), group)
+    final = group_epe(_where_in_slice(out / "images", group), group)
     assert final < 0.5 * plain, (final, plain)
     assert final < 0.5, final  # mm, on 3 mm voxels
     template = al.read_image(out / "template.nii.gz")
@@ -251,27 +171,3 @@ def test_bad_input_is_one_line_and_creates_nothing(group, tmp_path):
     with pytest.raises(OutputExistsError):
         build(group["paths"][:2], mine)
     assert (mine / "template.nii.gz").read_bytes() == b"mine" and sorted(os.listdir(mine)) == ["template.nii.gz"]
-
-
-# ------------------------------------------------------------------------------ without a template
-def test_groupwise_registration_finds_the_implicit_mean(group):
-    """All images to their implicit mean through the batch dimension: centred (EPE well under
-    the plain average's, which is centred only to first order) and as sharp as the true mean."""
-    from airlab.groupwise import register_group
-
-    images = [al.read_image(p) for p in group["paths"]]
-    result = register_group(images)
-    grid, mask = group["grid"], group["mask"]
-    with torch.no_grad():
-        u = result.transform.displacement(grid).double()
-    points = grid.points(torch.float64) + torch.movedim(u, 1, -1)
-    with torch.no_grad():
-        mapped = sum(d(points[i:i + 1]) for i, d in enumerate(group["deformations"])) / N
-        plain = sum(d(grid.points(torch.float64)) for d in group["deformations"]) / N
-    assert _epe(mapped, group) < 0.2 and _epe(mapped, group) < 0.6 * _epe(plain, group)
-    assert float(u.mean(0).norm(dim=0).mean()) < 0.05  # the velocities average to zero: the mean map is ~identity
-    average = al.Image(torch.cat([i.data for i in images]).mean(0, keepdim=True), grid)
-    rmse = lambda image: float((image.data[0, 0].double() - group["truth"].data[0, 0])[mask].pow(2).mean().sqrt())  # noqa: E731
-    assert rmse(result.template) < 0.3 * rmse(average)
-    assert sharpness(result.template, mask) > 0.95 * sharpness(group["truth"], mask)
-    assert result.history[-1][-1] < 0.1 * result.history[0][0]

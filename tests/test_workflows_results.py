@@ -22,12 +22,12 @@ def test_the_row_takes_the_jacobian_from_metrics_as_the_field_gives_it(pair, tmp
     folder = tmp_path / "out" / "p"
     register_files(tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz", folder,
                    PipelineConfig(preset="diffeomorphic"), report=False)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     field = read_displacement_field(folder / "displacement.nii.gz", dtype=torch.float64)
     assert metrics["jacobian"] == jacobian_stats(field.field.detach()[0].numpy(), field.grid)
     p = Pair("p", tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz")
     row = measure(p, folder)
     del metrics["jacobian"]  # a folder written before metrics.json held it
-    (folder / "metrics.json").write_text(json.dumps(metrics))
+    (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
     older = measure(p, folder)
     assert row == older and float(row["sdlogj"]) > 0
