@@ -4,7 +4,7 @@ and the schema validates a pipeline without importing PyTorch (a batch runner's 
 only sends pipelines to its workers; importing torch there cost about 1.2 s of its start-up).
 
 The built-in transforms, losses and regularisers are listed with the options their
-constructors take; tests/test_pipelines_config.py holds these tables equal to the registries
+constructors take; tests/test_pipelines_schema.py holds these tables equal to the registries
 (``transforms.TRANSFORMS``, ``losses.LOSSES``, ``regularisers.REGULARISERS``). A name added to a
 registry at run time (a user's own loss) is not here, and the schema asks the registry."""
 
