@@ -8,8 +8,8 @@ import torch
 from scipy import ndimage
 from scipy.interpolate import BSpline
 
-from airlab.splines import (bspline_interpolate, cubic_axis_weights, cubic_derivatives, cubic_weights, evaluate,
-                            linear_axis_weights, node_gradient, prefilter)
+from airlab.splines import (bspline_interpolate, cell_range, cubic_axis_weights, cubic_derivatives, cubic_weights,
+                            evaluate, linear_axis_weights, node_gradient, prefilter, sample_cubic)
 
 
 def test_cubic_weights_are_scipys_basis():
@@ -101,3 +101,46 @@ def test_cubic_axis_weights_evaluate_the_spline_along_an_axis(rng):
     assert np.allclose((matrix @ coefficients).numpy(), spline(position.numpy()), atol=1e-12)
     valid = position > 2
     assert not cubic_axis_weights(position, n, valid=valid)[~valid].any()
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (6, 7, 8)])
+def test_cell_range_is_scipys_two_voxel_min_and_max_filter(shape, rng):
+    data = rng.normal(size=(2, 1, *shape))
+    low, high = cell_range(torch.as_tensor(data))
+    # size 2 with origin -1: voxels i and i + 1 along each axis; scipy's "mirror" is x[n] = x[n - 2]
+    for b in range(2):
+        assert np.array_equal(low[b, 0].numpy(), ndimage.minimum_filter(data[b, 0], size=2, mode="mirror", origin=-1))
+        assert np.array_equal(high[b, 0].numpy(), ndimage.maximum_filter(data[b, 0], size=2, mode="mirror", origin=-1))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_clamped_cubic_samples_stay_within_their_cell(d, rng):
+    """Beside a hard edge (a bright block on black, as a masked template's border) an
+    interpolating cubic overshoots the values around it; clamped, each sample lies within the
+    range of the 2**D voxels of its cell, is the spline's own value wherever that already did,
+    and has the spline's gradient there and none where it was clamped."""
+    shape = (12, 10, 9)[:d]
+    image = np.zeros(shape)
+    image[tuple(slice(3, n - 3) for n in shape)] = 1.0
+    image += 0.05 * rng.normal(size=shape)
+    data = torch.as_tensor(image)[None, None]
+    coefficients = prefilter(data)
+    spline = (coefficients, node_gradient(coefficients))
+    index = torch.as_tensor(rng.uniform(0, np.array(shape[::-1]) - 1, size=(1, 2000, d))).requires_grad_(True)
+    free = sample_cubic(*spline, index)
+    clamped = sample_cubic(*spline, index, bounds=cell_range(data))
+    # the cell's 2**D voxels, read directly (ITK order: the array axes reversed)
+    corner = np.floor(index.detach()[0].numpy()).astype(int)[:, ::-1]
+    corners = [image[tuple(np.minimum(corner[:, a] + step[a], shape[a] - 1) for a in range(d))]
+               for step in np.ndindex(*(2,) * d)]
+    lo, hi = np.min(corners, axis=0), np.max(corners, axis=0)
+    values, unclamped = clamped[0, 0].detach().numpy(), free[0, 0].detach().numpy()
+    outside = (unclamped < lo) | (unclamped > hi)
+    assert outside.mean() > 0.05  # the cubic does ring here
+    assert np.all(values >= lo - 1e-12) and np.all(values <= hi + 1e-12)
+    assert np.array_equal(values[~outside], unclamped[~outside])
+    weights = torch.as_tensor(rng.normal(size=(1, 1, 2000)))
+    (g_free,) = torch.autograd.grad((free * weights).sum(), index)
+    (g_clamped,) = torch.autograd.grad((clamped * weights).sum(), index)
+    assert torch.equal(g_clamped[0][torch.as_tensor(~outside)], g_free[0][torch.as_tensor(~outside)])
+    assert torch.all(g_clamped[0][torch.as_tensor(outside)] == 0)

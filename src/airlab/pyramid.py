@@ -47,7 +47,7 @@ class LevelData:
     moving: torch.Tensor
     moving_mask: torch.Tensor | None
     regulariser_grid: Grid | None = None
-    moving_spline: tuple[torch.Tensor, torch.Tensor] | None = None  # see Pyramid.spline
+    moving_spline: tuple[torch.Tensor, ...] | None = None  # see Pyramid.spline
     full: "LevelData | None" = None  # the whole level, when this is a strided view of it
 
 
@@ -136,14 +136,16 @@ class Pyramid:
             self._matched[key] = (dataclasses.replace(data, fixed=fixed, moving=moving), found)
         return self._matched[key]
 
-    def spline(self, level: Level, matched: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The level's moving image (``matched``: after :meth:`matched`) as a cubic B-spline: its
-        coefficients and their derivatives at the voxels (what
-        :func:`airlab.splines.sample_cubic` takes), computed once."""
-        from .splines import node_gradient, prefilter
+    def spline(self, level: Level, matched: bool = False) -> tuple[torch.Tensor, ...]:
+        """The level's moving image (``matched``: after :meth:`matched`) as a cubic B-spline, what
+        :func:`airlab.spatial.sample` takes as ``spline``, computed once: its coefficients,
+        their derivatives at the voxels, and the image's cell range that the samples are clamped
+        to (:func:`airlab.splines.sample_cubic`)."""
+        from .splines import cell_range, node_gradient, prefilter
 
         key = (float(level.shrink), float(level.sigma)) + (("matched",) if matched else ())
         if key not in self._splines:
-            coefficients = prefilter(self.matched(level)[0].moving if matched else self[level].moving)
-            self._splines[key] = (coefficients, node_gradient(coefficients))
+            moving = self.matched(level)[0].moving if matched else self[level].moving
+            coefficients = prefilter(moving)
+            self._splines[key] = (coefficients, node_gradient(coefficients), *cell_range(moving))
         return self._splines[key]

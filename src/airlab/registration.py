@@ -79,7 +79,8 @@ class Stage:
             with respect to the points that of :func:`~airlab.splines.sample_cubic`). Linear
             interpolation blurs the moving image by an amount that depends on where a point falls
             between voxels, so the best match of a fine transform is off the true one by that
-            texture; cubic sampling costs more per step and removes most of it.
+            texture; cubic sampling costs more per step and removes most of it. Its samples are
+            clamped to the range of their cell's voxels (no ringing beside a hard edge).
         match_sharpness: at every level, smooth the sharper of the two images (before the
             moving image's B-spline prefilter) by the Gaussian that makes it as sharp as the
             other (:mod:`airlab.sharpness`), so that a blur mismatch between different

@@ -87,7 +87,8 @@ def sample(
         spline: with ``"bspline"``, for an image sampled many times (registration): its cubic
             B-spline coefficients and their :func:`~airlab.splines.node_gradient`, computed
             once. The values are the same; the gradient with respect to ``points`` is the
-            cheaper one of :func:`~airlab.splines.sample_cubic`.
+            cheaper one of :func:`~airlab.splines.sample_cubic`. A third and fourth element,
+            the image's :func:`~airlab.splines.cell_range`, clamp the values to it.
 
     Returns:
         ``[N, C, *P]``; integer data stays integer with ``"nearest"`` and ``"label"``.
@@ -116,7 +117,11 @@ def sample(
     elif interpolation == "label":
         out = _sample_label(data, grid, index)
     else:
-        out = bspline_interpolate(data, index) if spline is None else sample_cubic(*spline, index)
+        if spline is None:
+            out = bspline_interpolate(data, index)
+        else:
+            coefficients, gradient, *bounds = spline
+            out = sample_cubic(coefficients, gradient, index, bounds=tuple(bounds) or None)
     if outside is not None:
         keep = inside(index, grid.size).unsqueeze(1)
         fill = torch.as_tensor(outside, dtype=out.dtype, device=out.device)

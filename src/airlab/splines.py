@@ -153,26 +153,60 @@ def node_gradient(coefficients: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts, dim=2).flatten(1, 2)
 
 
+def cell_range(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)``, each ``[N, C, *S]``: at voxel ``i`` the least and the greatest value of the
+    ``2**D`` voxels ``i .. i + 1`` (the cell whose first corner ``i`` is), beyond the last voxel
+    mirrored as :func:`prefilter`'s boundary is (``x[n] = x[n - 2]``). Min and max over a cube
+    are separable: one pairwise pass per axis."""
+    low = high = data
+    for axis in range(2, data.dim()):
+        n = data.shape[axis]
+        if n < 2:
+            continue
+        after = torch.cat([torch.arange(1, n), torch.tensor([n - 2])]).to(data.device)
+        low = torch.minimum(low, low.index_select(axis, after))
+        high = torch.maximum(high, high.index_select(axis, after))
+    return low, high
+
+
 class _CubicSample(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, index, coefficients, gradient, boundary):
-        ctx.save_for_backward(index, gradient)
-        return evaluate(coefficients, index, boundary)
+    def forward(ctx, index, coefficients, gradient, boundary, low, high):
+        out = evaluate(coefficients, index, boundary)
+        kept = None
+        if low is not None:
+            # the cell's first corner; before the grid's first cell "border" gives the first
+            # cell's range (such points are outside the image and weigh nothing in a loss)
+            corner = torch.floor(index)
+            lo, hi = sample_index(low, corner, "border"), sample_index(high, corner, "border")
+            kept = (out >= lo) & (out <= hi)
+            out = torch.minimum(torch.maximum(out, lo), hi)
+        ctx.save_for_backward(index, gradient, kept)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        index, gradient = ctx.saved_tensors
+        index, gradient, kept = ctx.saved_tensors
         n, c, p = grad_out.shape
         d = index.shape[-1]
+        if kept is not None:
+            grad_out = grad_out * kept.to(grad_out.dtype)  # a clamped value is flat in the point
         slope = sample_index(gradient, index, "border").view(n, c, d, p)
-        return (grad_out.unsqueeze(2) * slope).sum(1).transpose(1, 2), None, None, None
+        return (grad_out.unsqueeze(2) * slope).sum(1).transpose(1, 2), None, None, None, None, None
 
 
 def sample_cubic(coefficients: torch.Tensor, gradient: torch.Tensor, index: torch.Tensor,
-                 boundary: str = "mirror") -> torch.Tensor:
+                 boundary: str = "mirror", bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`evaluate` for an image sampled at moving points many times (registration): the same
     values, and as the gradient with respect to ``index`` the spline's derivatives at the voxels
     (:func:`node_gradient`, computed once) interpolated linearly. Differentiating the eight
     fetches of :func:`evaluate` costs ten times a linear sample's forward and backward; this
-    costs one more fetch. No gradient flows to the coefficients."""
-    return _CubicSample.apply(index, coefficients, gradient, boundary)
+    costs one more fetch. No gradient flows to the coefficients.
+
+    ``bounds``: the image's :func:`cell_range`. Each value is then clamped to the range of the
+    ``2**D`` voxels around its point, where its gradient is zero. An interpolating cubic rings
+    beside a hard edge (a masked template's border) with values the image does not hold, which a
+    similarity measure reads as anatomy; elsewhere the values are the spline's.
+    """
+    low, high = bounds if bounds is not None else (None, None)
+    return _CubicSample.apply(index, coefficients, gradient, boundary, low, high)
