@@ -128,3 +128,35 @@ def test_each_numerics_module_imports_first(module):
     an ImportError of a partially initialised module)."""
     out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def _private_imports(root: Path) -> list[str]:
+    """``from X import _name`` and ``module._name`` (a module's private name used from outside it)
+    anywhere under ``root``; dunders are public."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id not in ("self", "cls") and node.attr.startswith("_")
+                  and not node.attr.startswith("__")):
+                found.append(f"{path.name}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_imported_across_modules():
+    """Issue 12: a private name is the module's own; whoever needs it needs a public one."""
+    assert _private_imports(ROOT) == []
+
+
+def test_private_name_finder_sees_them(tmp_path):
+    (tmp_path / "a.py").write_text("from .b import _helper\nimport c\nc._cache.clear()\nself._x = 1\n")
+    assert _private_imports(tmp_path) == ["a.py: from b import _helper", "a.py: c._cache"]
+
+
+@pytest.mark.parametrize("module", ["registration", "solver", "objective", "optim", "pyramid"])
+def test_the_engine_dispatches_on_types_not_attributes(module):
+    """Issue 12: the engine asks what a thing is (isinstance), not whether it has an attribute."""
+    assert "hasattr(" not in (ROOT / f"{module}.py").read_text(encoding="utf-8")
