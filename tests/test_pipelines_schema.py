@@ -137,6 +137,27 @@ def test_stage_interpolation(tmp_path):
         load_config(path)
 
 
+def test_interpolation_per_level_is_aligned_like_iterations(tmp_path):
+    """A list names the finest levels and is padded at the coarse end with its first value; a
+    level written out keeps its own; a wrong value in the list names the key."""
+    path = tmp_path / "c.yaml"
+    stage = ("stages:\n  - transform: dense-velocity\n    losses: [{{name: mse}}]\n    iterations: [10, 10, 10]\n"
+             "    pyramid: all\n    interpolation: {v}\n")
+    grid = al.Grid([100, 100], [1.0, 1.0])  # three levels: 100 / 2 and / 4 voxels are >= 25
+    path.write_text(stage.format(v="[linear, bspline]"))
+    levels = load_config(path).stages[0].build_levels(grid)
+    assert [lv.interpolation for lv in levels] == ["linear", "linear", "bspline"]
+    path.write_text(stage.format(v="[bspline, linear, bspline, linear]"))  # longer than the pyramid: the finest
+    assert [lv.interpolation for lv in load_config(path).stages[0].build_levels(grid)] == ["linear", "bspline",
+                                                                                            "linear"]
+    path.write_text("stages:\n  - transform: dense-velocity\n    losses: [{name: mse}]\n    interpolation: [linear]\n"
+                    "    levels: [{shrink: 2}, {shrink: 1, interpolation: bspline}]\n")
+    assert [lv.interpolation for lv in load_config(path).stages[0].build_levels(grid)] == ["linear", "bspline"]
+    path.write_text(stage.format(v="[linear, cubic]"))
+    with pytest.raises(ConfigError, match="interpolation"):
+        load_config(path)
+
+
 def test_options_that_do_not_apply_are_refused(tmp_path):
     """Keys of the dense velocity and its optimiser that would be silently ignored elsewhere stop
     the command with the key named."""

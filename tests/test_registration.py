@@ -314,3 +314,29 @@ def test_unknown_stage_interpolation_is_refused():
     stage = Stage(Affine, [(1.0, MSE())], interpolation="cubic", name="affine")
     with pytest.raises(ValueError, match="'affine': interpolation 'cubic'"):
         Registration([stage], progress=False)
+
+
+def test_a_level_samples_as_it_says(pair):
+    """``Level.interpolation`` overrides the stage's on that level only: a stage sampling
+    cubically with one linear level is the same registration as a linear stage with that one
+    level cubic, and differs from the stage cubic throughout."""
+    fixed, moving, _ = pair
+
+    def register(stage_interpolation, levels):
+        stage = Stage(lambda g, n: Translation(2, n), [(1.0, MSE())], levels=levels, lr=0.5,
+                      interpolation=stage_interpolation, name="t")
+        result = Registration([stage], progress=False, initialisation=None)(fixed, moving)
+        return torch.cat([p.detach().flatten() for p in result.transform.parameters()])
+
+    coarse = dict(shrink=2, sigma=2.0, iterations=15)
+    a = register("bspline", [Level(**coarse, interpolation="linear"), Level(iterations=15)])
+    b = register("linear", [Level(**coarse), Level(iterations=15, interpolation="bspline")])
+    c = register("bspline", [Level(**coarse), Level(iterations=15)])
+    assert torch.allclose(a, b, atol=1e-6), (a, b)
+    assert not torch.allclose(a, c, atol=1e-4), (a, c)
+
+
+def test_unknown_level_interpolation_is_refused():
+    stage = Stage(Affine, [(1.0, MSE())], levels=[Level(interpolation="cubic")], name="affine")
+    with pytest.raises(ValueError, match="'affine': interpolation 'cubic'"):
+        Registration([stage], progress=False)

@@ -68,7 +68,6 @@ class Objective(nn.Module):
         weights = [w for w, _ in list(stage.losses) + list(stage.regularisers)]
         self.register_buffer("weights", torch.tensor(weights, dtype=dtype, device=device), persistent=False)
         self.symmetric = stage.symmetric
-        self.interpolation = stage.interpolation
         self.landmarks = None
         if landmarks is not None:
             fixed_points, moving_points, w = landmarks
@@ -102,8 +101,10 @@ class Objective(nn.Module):
     def forward(self, t: Transform, previous: Transform | None, data: LevelData, points: torch.Tensor, *,
                 check_overlap: bool = False) -> Evaluation:
         y, fixed, disp = self.mapped_points(t, previous, data, points)
-        spline = data.moving_spline if self.interpolation == "bspline" else None
-        warped = sample(data.moving, data.moving_grid, y, self.interpolation, outside=None, spline=spline)
+        # a level that samples cubically carries the moving image's spline (Registration sets it)
+        spline = data.moving_spline
+        interpolation = "linear" if spline is None else "bspline"
+        warped = sample(data.moving, data.moving_grid, y, interpolation, outside=None, spline=spline)
         index = data.moving_grid.physical_to_index(y.detach())
         weight = inside(index, data.moving_grid.size).unsqueeze(1).to(warped.dtype)
         if data.fixed_weight is not None:

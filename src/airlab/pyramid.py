@@ -30,12 +30,16 @@ class Level:
     iteration so that each voxel counts once per ``stride**D`` iterations. A smooth transform
     needs far fewer voxels than a fine level has, and each iteration costs ``stride**D`` times
     less; unlike random sampling, runs repeat exactly.
+
+    ``interpolation`` (``"linear"`` or ``"bspline"``) samples the moving image on this level
+    as it says; ``None`` leaves it to the stage's.
     """
 
     shrink: float = 1.0
     sigma: float = 0.0
     iterations: int = 100
     stride: int = 1
+    interpolation: str | None = None
 
 
 @dataclass

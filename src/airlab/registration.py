@@ -80,7 +80,8 @@ class Stage:
             interpolation blurs the moving image by an amount that depends on where a point falls
             between voxels, so the best match of a fine transform is off the true one by that
             texture; cubic sampling costs more per step and removes most of it. Its samples are
-            clamped to the range of their cell's voxels (no ringing beside a hard edge).
+            clamped to the range of their cell's voxels (no ringing beside a hard edge). A
+            level's own ``Level.interpolation`` overrides this on that level.
         match_sharpness: at every level, smooth the sharper of the two images (before the
             moving image's B-spline prefilter) by the Gaussian that makes it as sharp as the
             other (:mod:`airlab.sharpness`), so that a blur mismatch between different
@@ -209,9 +210,10 @@ class Registration:
         if not stages:
             raise ValueError("a registration needs at least one stage")
         for stage in stages:
-            if stage.interpolation not in ("linear", "bspline"):
-                raise ValueError(f"stage {stage.name!r}: interpolation {stage.interpolation!r}; choose 'linear' or "
-                                 "'bspline'")
+            for interpolation in [stage.interpolation] + [lv.interpolation for lv in stage.levels if lv.interpolation]:
+                if interpolation not in ("linear", "bspline"):
+                    raise ValueError(f"stage {stage.name!r}: interpolation {interpolation!r}; choose 'linear' or "
+                                     "'bspline'")
         self.stages = list(stages)
         self.initialisation = initialisation
         self.normalise = normalise
@@ -281,7 +283,7 @@ class Registration:
                     data = dataclasses.replace(matched)
                 else:
                     data = dataclasses.replace(pyramid[level])  # a stage may set its regulariser grid
-                if stage.interpolation == "bspline":
+                if (level.interpolation or stage.interpolation) == "bspline":
                     data.moving_spline = pyramid.spline(level, matched=stage.match_sharpness)
                 if stage.regularisers and stage.regulariser_shrink > 1:
                     data.regulariser_grid = level_grid(data.grid, stage.regulariser_shrink)

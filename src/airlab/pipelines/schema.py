@@ -27,7 +27,9 @@ level has 25-50 voxels along its longest axis, smoothing sigma half the level sp
 default: the last entry at full resolution), ``coarsest`` (the first entries from the coarsest
 level on) or ``all`` (every level; a shorter list is padded at the coarse end with its first
 value). ``strides`` lists per-level sublattice strides for the finest of those levels (the
-stage's first level is never strided).
+stage's first level is never strided). ``interpolation`` is one value for every level, or a
+list aligned with the levels from the finest one back and padded at the coarse end with its
+first value (``[linear, bspline]``: cubic on the finest level, linear on the coarser ones).
 
 Every key is checked: an unknown key or a wrong type is reported with its place in the file.
 A pipeline is a pydantic model: it compares equal to another with the same content, pickles,
@@ -101,6 +103,10 @@ class LevelConfig(_Strict):
     sigma: float = Field(0.0, ge=0.0)
     iterations: int = Field(100, ge=0)
     stride: int = Field(1, ge=1)
+    interpolation: Literal["linear", "bspline"] | None = None  # None: the stage's
+
+
+Interpolation = Literal["linear", "bspline"]
 
 
 class StageConfig(_Strict):
@@ -124,7 +130,8 @@ class StageConfig(_Strict):
     symmetric: bool = False
     gradient_sigma: float = Field(0.0, ge=0.0)
     exact_gradient: bool = True
-    interpolation: Literal["linear", "bspline"] = "linear"  # the moving image's, while optimising
+    # the moving image's, while optimising: one for every level, or per level (see the module docstring)
+    interpolation: Interpolation | Annotated[list[Interpolation], Field(min_length=1)] = "linear"
     match_sharpness: bool = False  # smooth the sharper image of each level to the other's sharpness
     # transform: wendland only (compactly supported radial kernels on one lattice, no refinement)
     support: float | None = Field(None, gt=0)  # kernel radius, mm (default: twice control_spacing)
@@ -176,18 +183,24 @@ class StageConfig(_Strict):
         from ..pyramid import Level
 
         if self.levels is not None:
-            return [Level(**lv.model_dump()) for lv in self.levels]
-        its = self.iterations if self.iterations is not None else 100
-        if isinstance(its, int) or self.pyramid == "all":
-            levels = pyramid(grid, its)
-        elif self.pyramid == "finest":
-            levels = pyramid(grid, its)[-len(its):]
+            levels = [Level(**lv.model_dump()) for lv in self.levels]
         else:
-            levels = pyramid(grid, its[0])[:len(its)]
-            for level, n in zip(levels, its):
-                level.iterations = n
-        for level, stride in zip(reversed(levels[1:]), reversed(self.strides or [])):
-            level.stride = stride
+            its = self.iterations if self.iterations is not None else 100
+            if isinstance(its, int) or self.pyramid == "all":
+                levels = pyramid(grid, its)
+            elif self.pyramid == "finest":
+                levels = pyramid(grid, its)[-len(its):]
+            else:
+                levels = pyramid(grid, its[0])[:len(its)]
+                for level, n in zip(levels, its):
+                    level.iterations = n
+            for level, stride in zip(reversed(levels[1:]), reversed(self.strides or [])):
+                level.stride = stride
+        if isinstance(self.interpolation, list):
+            per_level = self.interpolation[-len(levels):]
+            per_level = [per_level[0]] * (len(levels) - len(per_level)) + per_level
+            for level, interpolation in zip(levels, per_level):
+                level.interpolation = level.interpolation or interpolation
         return levels
 
     def build(self, index: int, grid: Grid) -> Stage:
@@ -215,7 +228,8 @@ class StageConfig(_Strict):
             [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
             levels=levels, optimizer=self.optimizer, lr=self.lr, decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
-            gradient_sigma=self.gradient_sigma, interpolation=self.interpolation,
+            gradient_sigma=self.gradient_sigma,
+            interpolation=self.interpolation[-1] if isinstance(self.interpolation, list) else self.interpolation,
             match_sharpness=self.match_sharpness, name=self.name or f"{self.transform} {index + 1}",
         )
 
