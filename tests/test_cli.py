@@ -221,6 +221,27 @@ def test_demo_says_where_the_report_is(tmp_path, monkeypatch):
     assert (tmp_path / "d" / "report.png").exists() and not list(tmp_path.glob(".airlab-*"))
 
 
+def test_garbage_collector_is_frozen_only_in_the_console_process():
+    """The console process freezes the engine's objects out of the collector (its passes over
+    them cost ~0.5 s of each `airlab register`); in-process callers get the collector as it was."""
+    import gc
+
+    from airlab import cli
+
+    class Ctx:
+        meta = {}
+
+    frozen = gc.get_freeze_count()
+    with cli._engine_imports(Ctx()):
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    code = ("import atexit, gc, sys; atexit.register(lambda: print('frozen:', gc.get_freeze_count() > 0)); "
+            "sys.argv = ['airlab', '--version']; from airlab.cli import run; run()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "frozen: True" in done.stdout
+
+
 @pytest.mark.parametrize("error", ["MemoryError()", "torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')"])
 def test_running_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, error):
     """Memory runs out inside the engine (simulated: a real one would need a machine's worth of
