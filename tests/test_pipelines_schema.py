@@ -214,3 +214,13 @@ def test_a_loss_added_to_the_registry_at_run_time_is_accepted(monkeypatch):
         validate({"stages": [{**stage, "losses": [{"name": "mine", "bins": 3}]}]}, "test")
     with pytest.raises(ConfigError, match="unknown loss 'theirs'"):
         validate({"stages": [{**stage, "losses": [{"name": "theirs"}]}]}, "test")
+
+
+def test_the_benchmark_configs_are_valid():
+    """The pipelines that docs/ cite as rerunnable (benchmarks/configs/) still load."""
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "benchmarks" / "configs").rglob("*.yaml"))
+    assert len(files) >= 20
+    for path in files:
+        load_config(path)
