@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from .grid import Grid
 
-__all__ = ["apply_axis_weights", "box_kernel", "convolution_matrix", "convolve_axis", "gaussian_kernel", "gaussian_smooth",
-           "index_gradient", "mirror_index", "physical_gradient", "smooth_mm", "spatial_gradient",
-           "stencil_axis"]
+__all__ = ["apply_axis_weights", "box_kernel", "convolution_matrix", "convolve_axis", "gaussian_kernel",
+           "gaussian_operators", "gaussian_smooth", "index_gradient", "mirror_index", "physical_gradient", "smooth_mm",
+           "spatial_gradient", "stencil_axis"]
 
 
 def gaussian_kernel(sigma: float, truncate: float = 3.0, dtype=None, device=None, *,
@@ -111,27 +111,38 @@ def stencil_axis(data: torch.Tensor, weights: Sequence[float], axis: int, paddin
     return sum(w * padded.narrow(axis, k, n) for k, w in enumerate(weights) if w)
 
 
-def _smooth_axis(data: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """Convolve along one tensor axis with replicated borders."""
-    n = data.shape[axis]
-    if n <= max(256, 16 * kernel.numel()):
-        # the banded matrix does n instead of 2r + 1 multiplications per sample, hence the limit
-        return _along(data, convolution_matrix(kernel, n), axis)
-    return convolve_axis(data, kernel, axis)
-
-
-def gaussian_smooth(data: torch.Tensor, sigma: Sequence[float] | float, truncate: float = 3.0) -> torch.Tensor:
-    """Gaussian smoothing with ``sigma`` in voxels per axis (ITK order); 0 leaves an axis alone."""
-    d = data.dim() - 2
+def gaussian_operators(size: Sequence[int], sigma: Sequence[float] | float, truncate: float = 3.0, dtype=None,
+                       device=None) -> list[torch.Tensor | None]:
+    """What :func:`gaussian_smooth` applies along each axis of an image of ``size`` (ITK order):
+    ``None`` (sigma 0), the banded ``[n, n]`` matrix, or, along axes too long for one, the 1D
+    kernel. A caller that smooths images of one size many times builds them once."""
+    d = len(size)
     sigma = [float(sigma)] * d if isinstance(sigma, (int, float)) else [float(s) for s in sigma]
     if len(sigma) != d:
         raise ValueError(f"{len(sigma)} sigmas for a {d}D image")
+    operators = []
+    for n, s in zip(size, sigma):
+        kernel = gaussian_kernel(s, truncate, dtype, device) if s > 0 else None
+        # the banded matrix does n instead of 2r + 1 multiplications per sample, hence the limit
+        if kernel is not None and n <= max(256, 16 * kernel.numel()):
+            kernel = convolution_matrix(kernel, n)
+        operators.append(kernel)
+    return operators
+
+
+def gaussian_smooth(data: torch.Tensor, sigma: Sequence[float] | float, truncate: float = 3.0, *,
+                    operators: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """Gaussian smoothing with ``sigma`` in voxels per axis (ITK order); 0 leaves an axis alone.
+    ``operators``: :func:`gaussian_operators` of this size, sigma, dtype and device, built earlier."""
     if not data.is_floating_point():
         data = data.to(torch.get_default_dtype())
+    if operators is None:
+        operators = gaussian_operators(data.shape[2:][::-1], sigma, truncate, data.dtype, data.device)
     out = data
-    for a, s in enumerate(sigma):
-        if s > 0:
-            out = _smooth_axis(out, gaussian_kernel(s, truncate, out.dtype, out.device), out.dim() - 1 - a)
+    for a, op in enumerate(operators):
+        if op is not None:
+            axis = out.dim() - 1 - a
+            out = _along(out, op, axis) if op.dim() == 2 else convolve_axis(out, op, axis)
     return out
 
 

@@ -273,7 +273,7 @@ def cpu_split(data: torch.Tensor, grid: torch.Tensor, threads: int | None = None
     ``torch.get_num_threads()``.
     """
     threads = torch.get_num_threads() if threads is None else threads
-    points = grid[0, ..., 0].numel()
+    points = math.prod(grid.shape[1:-1])  # from the shape: indexing would cost tensor operations
     if data.device.type != "cpu" or data.shape[0] != 1 or threads < 2 or points < 1024 * threads:
         return 1
     return threads
@@ -292,7 +292,7 @@ def grid_sample(data: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zer
     if parts == 1:
         return F.grid_sample(data, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     c, d = data.shape[1], grid.shape[-1]
-    points = grid[0, ..., 0].numel()
+    points = math.prod(grid.shape[1:-1])
     flat = grid.reshape(-1, d)
     pad = -points % parts
     if pad:

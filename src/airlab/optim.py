@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from .filters import gaussian_smooth
+from .filters import gaussian_operators, gaussian_smooth
 
 __all__ = ["Adam", "FieldAdam"]
 
@@ -33,6 +33,9 @@ class _Optimizer:
                 g.setdefault(key, value)
             self.param_groups.append(g)
         self.state: defaultdict = defaultdict(dict)
+        # gradient_sigma's smoothing operators per (shape, sigma, dtype, device): built once, not
+        # at every step (a banded matrix per axis is dozens of small tensor operations)
+        self.smoothing: dict = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -68,7 +71,12 @@ class _Optimizer:
                 if sigma > 0 and p.dim() >= 3 and p.dim() == p.shape[1] + 2:
                     # a field's gradient [N, D, *shape], smoothed along its spatial axes: the
                     # "fluid" preconditioner of greedy dense registration (ANTs' SyN)
-                    p.grad = gaussian_smooth(p.grad, sigma)
+                    g = p.grad
+                    key = (g.shape, sigma, g.dtype, g.device)
+                    if key not in self.smoothing:
+                        size = g.shape[2:][::-1]  # ITK order
+                        self.smoothing[key] = gaussian_operators(size, sigma, dtype=g.dtype, device=g.device)
+                    p.grad = gaussian_smooth(g, sigma, operators=self.smoothing[key])
                 self._step(p, group)
         return loss
 

@@ -202,7 +202,10 @@ def _determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     d = grid.ndim
     k = physical_gradient(displacement, grid, rotate=False)  # [N, c, a, *shape]: du_c / d(mm along axis a)
     r = np.asarray(grid.direction, dtype=np.float64).reshape(d, d)
-    a = [[k[:, i, j] + float(r[i, j]) for j in range(d)] for i in range(d)]
+    # one addition and unbinds, not d * d indexings: each would allocate and fill a zero
+    # [N, D, D, *shape] tensor in the backward pass
+    a = (k + torch.as_tensor(r, dtype=k.dtype, device=k.device).view(d, d, *([1] * d))).unbind(1)
+    a = [row.unbind(1) for row in a]
     if d == 2:
         det = a[0][0] * a[1][1] - a[0][1] * a[1][0]
     else:

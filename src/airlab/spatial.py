@@ -13,7 +13,7 @@ from .filters import apply_axis_weights
 from .grid import Grid, grid_sample, inside, sample_index  # noqa: F401  (grid_sample, inside: re-exported)
 from .splines import bspline_interpolate, linear_axis_weights, sample_cubic
 
-__all__ = ["Grid", "sample", "sample_grid", "INTERPOLATIONS"]
+__all__ = ["Grid", "sample", "sample_grid", "interpolation_matrices", "INTERPOLATIONS"]
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
@@ -157,6 +157,15 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
         )
     if not data.is_floating_point():
         data = data.to(torch.get_default_dtype())
+    return apply_axis_weights(data, interpolation_matrices(grid, target, outside, filters, data.dtype, data.device))
+
+
+def interpolation_matrices(grid: Grid, target: Grid, outside: float | None = 0.0,
+                           filters: list[torch.Tensor] | None = None, dtype=None, device=None) -> list[torch.Tensor]:
+    """The per-axis ``[target, grid]`` matrices with which :func:`sample_grid` interpolates on
+    aligned grids (``target.aligned_with(grid)``): a caller that resamples to the same grid at
+    every step computes them once and calls :func:`~airlab.filters.apply_axis_weights`."""
+    d = grid.ndim
     to_index = target.index_map(grid)
     matrices = []
     for a in range(d):
@@ -165,6 +174,6 @@ def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | N
         weights = linear_axis_weights(position, grid.size[a], outside is not None)
         if filters is not None:
             weights = weights @ filters[a].to(weights.dtype)
-        matrices.append(weights.to(dtype=data.dtype, device=data.device))
-    return apply_axis_weights(data, matrices)
+        matrices.append(weights.to(dtype=dtype or torch.get_default_dtype(), device=device))
+    return matrices
 

@@ -9,32 +9,56 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..spatial import Grid, grid_sample, sample_grid
+from ..filters import apply_axis_weights
+from ..spatial import Grid, grid_sample, interpolation_matrices, sample_grid
 from .base import Transform
 from .bspline import BSplineTransform
 from .dense import field_parameter, sample_field
 
-__all__ = ["StationaryVelocityField", "BSplineVelocityField", "DenseVelocityField", "exponential"]
+__all__ = ["StationaryVelocityField", "BSplineVelocityField", "DenseVelocityField", "exponential",
+           "exponential_frame"]
 
 
-def exponential(velocity: torch.Tensor, grid: Grid, steps: int = 7) -> torch.Tensor:
+def exponential(velocity: torch.Tensor, grid: Grid, steps: int = 7, frame: tuple | None = None) -> torch.Tensor:
     """Displacement of ``exp(v)`` on ``grid`` by scaling and squaring (``2**steps`` sub-steps).
 
     Each squaring is ``u(x) + u(x + u(x))`` with ``u`` extended by its border values, as
     :func:`~airlab.transforms.dense.compose_displacements`. Composition commutes with a constant
     linear map of the vectors, so the loop runs in grid_sample's normalised units and converts
-    only at both ends: the squarings then need no coordinate conversions.
+    only at both ends: the squarings then need no coordinate conversions. ``frame``:
+    :func:`exponential_frame` of the same grid, steps, dtype and device, for a caller that
+    exponentiates on one grid many times.
     """
     if steps == 0:
         return velocity
-    d = grid.ndim
-    to_norm = torch.as_tensor(grid.physical_to_normalized_matrix()[:d, :d], dtype=velocity.dtype,
-                              device=velocity.device)
-    u = torch.einsum("ij,nj...->ni...", to_norm / 2**steps, velocity)
-    identity = grid.index_to_normalized(grid.indices(velocity.dtype, velocity.device))
+    to_norm, from_norm, identity = frame or exponential_frame(grid, steps, velocity.dtype, velocity.device)
+    u = _map_vectors(to_norm, velocity)
     for _ in range(steps):
         u = u + grid_sample(u, identity + torch.movedim(u, 1, -1), "border")
-    return torch.einsum("ij,nj...->ni...", torch.linalg.inv(to_norm), u)
+    return _map_vectors(from_norm, u)
+
+
+def exponential_frame(grid: Grid, steps: int, dtype=None, device=None) -> tuple[torch.Tensor, ...]:
+    """The constants of :func:`exponential` on ``grid``: the map of mm to normalised units scaled
+    by ``2**-steps``, the map back (each a ``[D, D]`` matrix, or where it is diagonal its
+    diagonal as ``[1, D, 1, ...]``), and the normalised identity ``[1, *shape, D]``."""
+    d = grid.ndim
+    to_norm = torch.as_tensor(grid.physical_to_normalized_matrix()[:d, :d], dtype=dtype, device=device)
+    identity = grid.index_to_normalized(grid.indices(dtype, device))
+    maps = [to_norm / 2**steps, torch.linalg.inv(to_norm)]
+    if bool((to_norm == torch.diag(torch.diagonal(to_norm))).all()):
+        # axis-aligned: a product per component gives the matrix product's numbers exactly (the
+        # other terms are exact zeros) in one operation instead of einsum's permutes and bmm
+        maps = [m.diagonal().view(1, d, *([1] * d)) for m in maps]
+    return *maps, identity
+
+
+def _map_vectors(matrix: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``matrix @ vector`` at every voxel of ``field [N, D, *shape]``; ``matrix`` as in
+    :func:`exponential_frame`."""
+    if matrix.dim() == field.dim():
+        return field * matrix
+    return torch.einsum("ij,nj...->ni...", matrix, field)
 
 
 class StationaryVelocityField(Transform):
@@ -57,6 +81,8 @@ class StationaryVelocityField(Transform):
         self.steps = steps
         self.sign = 1.0
         self._field_cache = None  # a dict inside cached(): see there
+        # the constant tensors of every step, built once per grid (see _constant)
+        self._constants: dict = {}
 
     def velocity_field(self) -> torch.Tensor:
         """The velocity ``[N, D, *grid.shape]`` (mm) that is exponentiated."""
@@ -68,10 +94,24 @@ class StationaryVelocityField(Transform):
         key = (self.sign, self.steps, self.grid, torch.is_grad_enabled())
         if cache is not None and key in cache:
             return cache[key]
-        u = exponential(self.sign * self.velocity_field(), self.grid, self.steps)
+        v = self.sign * self.velocity_field()
+        u = exponential(v, self.grid, self.steps, self._exponential_frame(v))
         if cache is not None:
             cache[key] = u
         return u
+
+    def _constant(self, key: tuple, make):
+        """``make()``, kept under ``key`` until the grid changes: exponentiation and resampling
+        constants (identity grid, interpolation matrices) would otherwise be rebuilt at every
+        step, dozens of small tensor operations each."""
+        key = (self.grid, *key)
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
+
+    def _exponential_frame(self, v: torch.Tensor) -> tuple:
+        return self._constant(("exp", self.steps, v.dtype, v.device),
+                              lambda: exponential_frame(self.grid, self.steps, v.dtype, v.device))
 
     @contextlib.contextmanager
     def cached(self):
@@ -91,7 +131,13 @@ class StationaryVelocityField(Transform):
     def displacement(self, grid: Grid) -> torch.Tensor:
         if grid.same_as(self.grid, atol=1e-9):
             return self.field()
-        return sample_grid(self.field(), self.grid, grid)  # == sample_field at grid's points
+        u = self.field()
+        if not grid.aligned_with(self.grid):
+            return sample_grid(u, self.grid, grid)  # == sample_field at grid's points
+        # sample_grid's interpolation on aligned grids, with its matrices kept
+        matrices = self._constant(("resample", grid, u.dtype, u.device),
+                                  lambda: interpolation_matrices(self.grid, grid, 0.0, None, u.dtype, u.device))
+        return apply_axis_weights(u, matrices)
 
     @torch.no_grad()
     def regrid(self, grid: Grid) -> None:
@@ -102,6 +148,7 @@ class StationaryVelocityField(Transform):
         v = sample(self.velocity.detach(), self.grid, grid.points(self.velocity.dtype, self.velocity.device),
                    "linear", outside=None)
         self.grid = grid
+        self._constants = {}
         self.velocity = nn.Parameter(v.contiguous())
 
     def scaled(self, factor: float) -> "StationaryVelocityField":
@@ -155,6 +202,7 @@ class BSplineVelocityField(StationaryVelocityField):
 
     def regrid(self, grid: Grid) -> None:
         self.grid = grid
+        self._constants = {}
 
     def coefficient_lattice(self) -> tuple[torch.Tensor, Grid]:
         return self.spline.coefficient_lattice()
@@ -194,7 +242,7 @@ class DenseVelocityField(StationaryVelocityField):
             return cache[key]
         v = self.sign * self.velocity_field()
         with torch.no_grad():
-            u = exponential(v, self.grid, self.steps)
+            u = exponential(v, self.grid, self.steps, self._exponential_frame(v))
         u = u + (v - v.detach())  # the value of exp(v), the derivative of v
         if cache is not None:
             cache[key] = u
