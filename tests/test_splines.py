@@ -39,6 +39,24 @@ def test_interpolation_equals_scipy_map_coordinates(shape, rng):
     assert np.allclose(ours.numpy(), theirs, atol=1e-10)
 
 
+@pytest.mark.parametrize("shape", [(9, 11), (6, 7, 8), (2, 9)])
+def test_mirror_boundary_equals_scipy_at_any_distance(shape, rng):
+    # the mirror is folded into the points (a symmetric spline) and fetched from padded knots;
+    # a grid of two voxels on an axis keeps grid_sample's reflection
+    data = rng.normal(size=shape)
+    d = len(shape)
+    index = rng.uniform(-2.5, 3.5, size=(300, d)) * (np.array(shape[::-1]) - 1)
+    ours = bspline_interpolate(torch.as_tensor(data)[None, None], torch.as_tensor(index)[None])[0, 0]
+    theirs = ndimage.map_coordinates(data, index[:, ::-1].T, order=3, mode="mirror")
+    assert np.allclose(ours.numpy(), theirs, atol=1e-9)
+
+
+def test_evaluate_gradcheck_beyond_the_edges(rng):
+    coefficients = torch.as_tensor(rng.normal(size=(1, 1, 5, 6)), dtype=torch.float64).requires_grad_(True)
+    index = torch.as_tensor(rng.uniform(-3.0, 8.0, size=(1, 9, 2)), dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(evaluate, (coefficients, index))
+
+
 def test_prefilter_interpolates_and_keeps_the_batch_apart(rng):
     data = torch.as_tensor(rng.normal(size=(3, 2, 7, 9)))
     coefficients = prefilter(data)

@@ -51,6 +51,21 @@ def _map_index(index: torch.Tensor, n: int, boundary: str) -> torch.Tensor:
     return index.clamp(0, n - 1)  # "border"
 
 
+def _mirror_padded(coefficients: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coefficients with two mirrored knots added on every side, and ``index`` folded into
+    the grid and shifted onto them: a spline whose knots mirror about the first and the last
+    voxel is itself symmetric there, so the folded point has the same value, and every fetch of
+    :func:`evaluate` then lies inside the padded grid. ``grid_sample``'s reflection padding costs
+    about twice its border padding on the CPU, and the fetches are most of a cubic sample."""
+    folded = []
+    for a in range(index.shape[-1]):
+        last = coefficients.shape[-1 - a] - 1
+        m = torch.remainder(index[..., a], 2 * last)
+        folded.append(torch.where(m > last, 2 * last - m, m) + 2)
+    padded = torch.nn.functional.pad(coefficients, [2] * (2 * index.shape[-1]), mode="reflect")
+    return padded, torch.stack(folded, dim=-1)
+
+
 def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "mirror") -> torch.Tensor:
     """Evaluate a cubic B-spline with ``coefficients [N, C, *S]`` at continuous ``index [N, P, D]``.
 
@@ -62,6 +77,9 @@ def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "m
     fetches at shifted positions (Sigg & Hadwiger, GPU Gems 2, ch. 20): ``2**D`` calls of
     ``grid_sample`` instead of ``4**D`` gathers, and the result is the same spline exactly.
     """
+    if boundary == "mirror" and min(coefficients.shape[2:]) > 2:
+        coefficients, index = _mirror_padded(coefficients, index)
+        boundary = "border"
     floor = torch.floor(index)
     w = cubic_weights(index - floor)  # [N, P, D, 4]
     g0, g1 = w[..., 0] + w[..., 1], w[..., 2] + w[..., 3]
