@@ -162,3 +162,30 @@ def test_clamped_cubic_samples_stay_within_their_cell(d, rng):
     (g_clamped,) = torch.autograd.grad((clamped * weights).sum(), index)
     assert torch.equal(g_clamped[0][torch.as_tensor(~outside)], g_free[0][torch.as_tensor(~outside)])
     assert torch.all(g_clamped[0][torch.as_tensor(outside)] == 0)
+
+
+def test_clamp_beyond_the_edges_uses_the_border_cell_and_survives_nan(rng):
+    """A point outside the grid is clamped to the range of the nearest border cell (its corner
+    clamped into the grid, as "border" padding reads it), exactly; a NaN point (a diverged
+    transform) raises nothing and changes no other point's sample."""
+    shape = (7, 9, 8)
+    data = torch.as_tensor(rng.normal(size=(2, 2, *shape)))
+    low, high = cell_range(data)
+    coefficients = prefilter(data)
+    spline = (coefficients, node_gradient(coefficients))
+    index = torch.as_tensor(rng.uniform(-3, np.array(shape[::-1]) + 2, size=(2, 500, 3)))
+    out = sample_cubic(*spline, index, bounds=(low, high))
+    corner = np.clip(np.floor(index.numpy()), 0, np.array(shape[::-1]) - 1).astype(int)[..., ::-1]
+    for b in range(2):
+        at = tuple(corner[b, :, a] for a in range(3))
+        for c in range(2):
+            lo, hi = low[b, c].numpy()[at], high[b, c].numpy()[at]
+            values = out[b, c].numpy()
+            assert np.all((values >= lo) & (values <= hi))
+            assert np.any(values == lo) and np.any(values == hi)  # the bounds themselves, not a neighbour's
+    broken = index.clone()
+    broken[1, 7] = float("nan")
+    out_nan = sample_cubic(*spline, broken, bounds=(low, high))
+    keep = torch.ones(2, 500, dtype=torch.bool)
+    keep[1, 7] = False
+    assert torch.equal(out_nan.transpose(1, 2)[keep], out.transpose(1, 2)[keep])

@@ -187,6 +187,22 @@ def cell_range(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
+def _at_corner(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table [N, C, *S]`` at the voxel ``floor(index)`` (``index [N, P, D]``), clamped into the
+    grid as ``"border"`` padding is: ``[N, C, P]``. A gather, where ``grid_sample`` at integer
+    points costs four times as much."""
+    n, c = table.shape[:2]
+    size = table.shape[2:][::-1]  # x, y, z
+    flat = torch.zeros(index.shape[:2], dtype=torch.long, device=index.device)
+    stride = 1
+    for axis, extent in enumerate(size):
+        # a NaN point (a diverged transform) reads voxel 0, as grid_sample's reads zeros: no error
+        corner = torch.nan_to_num(torch.floor(index[..., axis]), nan=0.0).clamp(0, extent - 1)
+        flat += corner.long() * stride
+        stride *= extent
+    return table.reshape(n, c, -1).gather(2, flat.unsqueeze(1).expand(n, c, -1))
+
+
 class _CubicSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index, coefficients, gradient, boundary, low, high):
@@ -195,8 +211,7 @@ class _CubicSample(torch.autograd.Function):
         if low is not None:
             # the cell's first corner; before the grid's first cell "border" gives the first
             # cell's range (such points are outside the image and weigh nothing in a loss)
-            corner = torch.floor(index)
-            lo, hi = sample_index(low, corner, "border"), sample_index(high, corner, "border")
+            lo, hi = _at_corner(low, index), _at_corner(high, index)
             kept = (out >= lo) & (out <= hi)
             out = torch.minimum(torch.maximum(out, lo), hi)
         ctx.save_for_backward(index, gradient, kept)
