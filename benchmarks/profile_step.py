@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                    # the 2 mm MNI152 case, default preset
     python benchmarks/profile_step.py --preset bspline --top 10 --out profile.md
+    python benchmarks/profile_step.py --preset benchmarks/configs/levels/c_g15.yaml   # a YAML pipeline
     python benchmarks/profile_step.py --fixed F --moving M   # any pair, e.g. compare.py's OUT/work/2d/*.nii.gz
 
 The case is benchmarks/accuracy.py's (the shipped 2 mm template and a copy deformed by the
@@ -31,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from airlab.datasets import mni152  # noqa: E402
 from airlab.image import read_image  # noqa: E402
-from airlab.pipelines import preset  # noqa: E402
+from airlab.pipelines import load_config, preset  # noqa: E402
 from airlab.progress import Observer  # noqa: E402
 from airlab.registration import Registration  # noqa: E402
 
@@ -81,7 +82,7 @@ class LevelProfiler(Observer):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="diffeomorphic")
+    parser.add_argument("--preset", default="diffeomorphic", help="a preset name or a YAML pipeline (--config schema)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--top", type=int, default=6, help="operations listed per level")
     parser.add_argument("--out", type=Path)
@@ -100,15 +101,20 @@ def main(argv=None) -> int:
         fixed, moving = (read_image(p).to(torch.float32) for p in (args.fixed, args.moving))
         what = f"{args.fixed.name} <- {args.moving.name} ({'x'.join(map(str, fixed.grid.shape))} voxels)"
 
+    def stages():
+        if args.preset.endswith((".yaml", ".yml")):
+            return load_config(args.preset).build(fixed.grid)
+        return preset(args.preset, fixed.grid)
+
     clock = LevelClock()
     start = time.process_time()
     clock.mark = start
-    Registration(preset(args.preset, fixed.grid), progress=False, callbacks=[clock])(fixed, moving)
+    Registration(stages(), progress=False, callbacks=[clock])(fixed, moving)
     total = time.process_time() - start
     after = total - sum(lv["before_s"] + lv["seconds"] for lv in clock.levels)
 
     profiler = LevelProfiler()
-    Registration(preset(args.preset, fixed.grid), progress=False, callbacks=[profiler])(fixed, moving)
+    Registration(stages(), progress=False, callbacks=[profiler])(fixed, moving)
 
     lines = [f"`python benchmarks/profile_step.py --preset {args.preset}`: {what}, "
              f"1 thread, torch {torch.__version__}; process time {total:.2f} s for the registration "
