@@ -2,7 +2,7 @@
 
     python benchmarks/accuracy.py [--quick] [--config FILE ...]
 
-``--config`` adds rows for YAML pipelines (airlab's ``--config`` schema) on the 3D cases, beside
+``--config`` adds rows for YAML pipelines (airlab's ``--config`` schema) on every case, beside
 the presets, so that a pipeline tuned elsewhere (benchmarks/configs/, the real-anatomy case)
 is checked against the known deformations too.
 
@@ -81,7 +81,7 @@ def truth_dice(fixed, labels, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed per case instead of three")
-    parser.add_argument("--config", nargs="*", default=[], help="YAML pipelines to measure on the 3D cases too")
+    parser.add_argument("--config", nargs="*", default=[], help="YAML pipelines to measure on the cases too")
     parser.add_argument("--only-configs", action="store_true", help="skip the presets' rows")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -104,7 +104,8 @@ def main():
         pipeline = load_config(path)
         names[id(pipeline)] = Path(path).stem
         cases += [("MNI 2 mm", pipeline, fixed, labels, None, False),
-                  ("MNI 2 mm, grey/white inverted", pipeline, fixed, labels, None, True)]
+                  ("MNI 2 mm, grey/white inverted", pipeline, fixed, labels, None, True),
+                  ("axial slice 1 mm", pipeline, axial, None, None, False)]
     print(f"airlab {al.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, seeds {seeds}\n")
     print("| case | preset | mean EPE mm | p95 EPE mm | GM Dice | folding voxels | time s |")
     print("|---|---|---|---|---|---|---|")

@@ -168,6 +168,9 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
         path.write_text(base.format(t=t, o=o, extra=extra))
         with pytest.raises(ConfigError, match=message):
             load_config(path)
+    path.write_text(base.format(t="bspline", o="adam", extra="lr_unit: voxel"))
+    with pytest.raises(ConfigError, match="field-adam"):
+        load_config(path)
     path.write_text(base.format(t="dense-velocity", o="field-adam", extra="gradient_sigma: 1.0"))
     stage = load_config(path).stages[0].build(0, al.Grid([20, 20], [1.0, 1.0]))
     assert stage.gradient_sigma == 1.0 and stage.transform.name == "dense-velocity"
@@ -224,3 +227,13 @@ def test_the_benchmark_configs_are_valid():
     assert len(files) >= 20
     for path in files:
         load_config(path)
+
+
+@pytest.mark.parametrize("unit, spacing, expected", [("mm", [2.0, 2.0, 2.0], 2.0), ("voxel", [2.0, 2.0, 2.0], 4.0),
+                                                     ("voxel", [1.0, 1.0], 2.0), ("voxel", [1.0, 2.0, 3.0], 4.0)])
+def test_lr_in_voxels_is_the_step_in_the_fixed_images_mean_spacing(tmp_path, unit, spacing, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text("stages:\n  - transform: dense-velocity\n    losses: [{name: mse}]\n    optimizer: field-adam\n"
+                    f"    lr: 2.0\n    lr_unit: {unit}\n")
+    grid = al.Grid([40] * len(spacing), spacing)
+    assert load_config(path).stages[0].build(0, grid).lr == pytest.approx(expected)

@@ -19,7 +19,7 @@ A config either picks a preset and adjusts it, or writes the stages out::
         regularisers: [{name: bending, weight: 0.1}]
         iterations: [100, 60, 25] # per level, coarse to fine, the last at full resolution
         optimizer: field-adam
-        lr: 0.25
+        lr: 0.25                 # field-adam: the largest step, mm (lr_unit: voxel for fixed voxels)
 
 A stage's pyramid is either ``levels`` written out, or sized from the fixed image (the coarsest
 level has 25-50 voxels along its longest axis, smoothing sigma half the level spacing) with
@@ -120,6 +120,9 @@ class StageConfig(_Strict):
     strides: list[PositiveInt] | None = None
     optimizer: Literal["adam", "field-adam", "lbfgs"] = "adam"
     lr: float = Field(0.1, gt=0)
+    # field-adam's lr is its largest step in mm; "voxel" reads it in the fixed image's voxels
+    # (their mean spacing), so that one pipeline steps alike on a 1 mm and a 2 mm image
+    lr_unit: Literal["mm", "voxel"] = "mm"
     decay: bool = True
     tolerance: float = Field(1e-5, ge=0)
     patience: int = Field(20, ge=1)
@@ -164,6 +167,8 @@ class StageConfig(_Strict):
             raise ValueError("give either 'levels' or 'iterations' (and 'strides'), not both")
         if self.gradient_sigma > 0 and self.optimizer == "lbfgs":
             raise ValueError("'gradient_sigma' needs optimizer adam or field-adam (L-BFGS takes its own steps)")
+        if self.lr_unit == "voxel" and self.optimizer != "field-adam":
+            raise ValueError("'lr_unit: voxel' needs optimizer field-adam (whose lr is a step in mm)")
         if not self.exact_gradient and self.transform != "dense-velocity":
             raise ValueError("'exact_gradient: false' applies to transform: dense-velocity")
         wendland_only = [k for k in ("support", "order", "diffeomorphic") if getattr(self, k) is not None]
@@ -226,7 +231,8 @@ class StageConfig(_Strict):
             TransformSpec(self.transform, options),
             [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],
             [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
-            levels=levels, optimizer=self.optimizer, lr=self.lr, decay=self.decay, tolerance=self.tolerance,
+            levels=levels, optimizer=self.optimizer,
+            lr=self.lr * (float(np.mean(grid.spacing)) if self.lr_unit == "voxel" else 1.0), decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
             gradient_sigma=self.gradient_sigma,
             interpolation=self.interpolation[-1] if isinstance(self.interpolation, list) else self.interpolation,
