@@ -227,12 +227,12 @@ class StageConfig(_Strict):
             # one lattice for every level (no exact refinement): knots every 8 voxels of the finest level
             options["control_spacing"] = self.control_spacing or 8.0 * float(np.mean(grid.spacing))
             options.update(support=self.support, order=self.order or 4, diffeomorphic=bool(self.diffeomorphic))
+        lr = self.lr * (float(np.mean(grid.spacing)) if self.lr_unit == "voxel" else 1.0)
         return Stage(
             TransformSpec(self.transform, options),
             [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],
             [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
-            levels=levels, optimizer=self.optimizer,
-            lr=self.lr * (float(np.mean(grid.spacing)) if self.lr_unit == "voxel" else 1.0), decay=self.decay, tolerance=self.tolerance,
+            levels=levels, optimizer=self.optimizer, lr=lr, decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
             gradient_sigma=self.gradient_sigma,
             interpolation=self.interpolation[-1] if isinstance(self.interpolation, list) else self.interpolation,
