@@ -32,11 +32,11 @@ sys.path.insert(0, str(HERE))
 
 from airlab.datasets import mni152  # noqa: E402
 from airlab.image import read_image  # noqa: E402
-from airlab.pipelines import load_config, preset  # noqa: E402
 from airlab.progress import Observer  # noqa: E402
 from airlab.registration import Registration  # noqa: E402
 
 from accuracy import case  # noqa: E402
+from probe import pipeline  # noqa: E402
 
 
 class LevelClock(Observer):
@@ -102,9 +102,7 @@ def main(argv=None) -> int:
         what = f"{args.fixed.name} <- {args.moving.name} ({'x'.join(map(str, fixed.grid.shape))} voxels)"
 
     def stages():
-        if args.preset.endswith((".yaml", ".yml")):
-            return load_config(args.preset).build(fixed.grid)
-        return preset(args.preset, fixed.grid)
+        return pipeline(args.preset).build(fixed.grid)
 
     clock = LevelClock()
     start = time.process_time()

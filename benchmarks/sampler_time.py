@@ -78,7 +78,7 @@ def main():
 
     def corner_gather():
         with torch.no_grad():
-            splines._at_corner(low, index)
+            splines._at_corner((low,), index)
 
     def corner_grid_sample():
         with torch.no_grad():

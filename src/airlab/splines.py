@@ -187,12 +187,12 @@ def cell_range(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return low, high
 
 
-def _at_corner(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table [N, C, *S]`` at the voxel ``floor(index)`` (``index [N, P, D]``), clamped into the
-    grid as ``"border"`` padding is: ``[N, C, P]``. A gather, where ``grid_sample`` at integer
-    points costs four times as much."""
-    n, c = table.shape[:2]
-    size = table.shape[2:][::-1]  # x, y, z
+def _at_corner(tables: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each ``table [N, C, *S]`` at the voxel ``floor(index)`` (``index [N, P, D]``), clamped into
+    the grid as ``"border"`` padding is: ``[N, C, P]`` each, from one flat index. A gather, where
+    ``grid_sample`` at integer points costs four times as much."""
+    n, c = tables[0].shape[:2]
+    size = tables[0].shape[2:][::-1]  # x, y, z
     flat = torch.zeros(index.shape[:2], dtype=torch.long, device=index.device)
     stride = 1
     for axis, extent in enumerate(size):
@@ -200,7 +200,8 @@ def _at_corner(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         corner = torch.nan_to_num(torch.floor(index[..., axis]), nan=0.0).clamp(0, extent - 1)
         flat += corner.long() * stride
         stride *= extent
-    return table.reshape(n, c, -1).gather(2, flat.unsqueeze(1).expand(n, c, -1))
+    flat = flat.unsqueeze(1).expand(n, c, -1)
+    return tuple(table.reshape(n, c, -1).gather(2, flat) for table in tables)
 
 
 class _CubicSample(torch.autograd.Function):
@@ -211,7 +212,7 @@ class _CubicSample(torch.autograd.Function):
         if low is not None:
             # the cell's first corner; before the grid's first cell "border" gives the first
             # cell's range (such points are outside the image and weigh nothing in a loss)
-            lo, hi = _at_corner(low, index), _at_corner(high, index)
+            lo, hi = _at_corner((low, high), index)
             kept = (out >= lo) & (out <= hi)
             out = torch.minimum(torch.maximum(out, lo), hi)
         ctx.save_for_backward(index, gradient, kept)

@@ -215,19 +215,20 @@ class StageConfig(_Strict):
         from ..transforms import TransformSpec
 
         levels = self.build_levels(grid)
+        voxel = float(np.mean(grid.spacing))  # the fixed image's mean spacing, mm
         options = {}
         if self.transform not in LINEAR and self.transform != "dense-velocity":
             # control points every 5 voxels of the finest level, twice that per coarser level
-            options["control_spacing"] = self.control_spacing or 5.0 * float(np.mean(grid.spacing)) * 2 ** (len(levels) - 1)
+            options["control_spacing"] = self.control_spacing or 5.0 * voxel * 2 ** (len(levels) - 1)
         if self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic:
             options.update(steps=self.steps, exp_shrink=self.exp_shrink)
         if self.transform == "dense-velocity":
             options.update(exact_gradient=self.exact_gradient)
         if self.transform == "wendland":
             # one lattice for every level (no exact refinement): knots every 8 voxels of the finest level
-            options["control_spacing"] = self.control_spacing or 8.0 * float(np.mean(grid.spacing))
+            options["control_spacing"] = self.control_spacing or 8.0 * voxel
             options.update(support=self.support, order=self.order or 4, diffeomorphic=bool(self.diffeomorphic))
-        lr = self.lr * (float(np.mean(grid.spacing)) if self.lr_unit == "voxel" else 1.0)
+        lr = self.lr * (voxel if self.lr_unit == "voxel" else 1.0)
         return Stage(
             TransformSpec(self.transform, options),
             [(t.weight, LOSSES[t.name](**t.options())) for t in self.losses],
