@@ -59,6 +59,26 @@ def test_field_adam_largest_step_is_lr(rng):
         assert torch.allclose(step[n], 0.5 * grad[n] / peak, atol=1e-9)
 
 
+def test_field_adam_quantile_sets_the_step_of_that_entry(rng):
+    """With ``quantile`` q the first step moves the entry at the q-quantile of the squared
+    gradient (numpy's "higher" rule) by exactly ``lr``, the smaller ones in proportion, and
+    clips the larger ones (one hard edge) to ``lr``; per batch element."""
+    grad = torch.as_tensor(rng.normal(size=(2, 2, 10, 10)))
+    grad[0, 0, 3, 3] = 1e3  # an outlier that would set every step with q = 1
+    grad[1] *= 100.0
+    step = -_one_step(FieldAdam, torch.zeros_like(grad), grad, quantile=0.9)
+    for n in range(2):
+        scale = np.sqrt(np.quantile(grad[n].square().numpy(), 0.9, method="higher"))
+        expected = np.clip(0.5 * grad[n].numpy() / scale, -0.5, 0.5)
+        assert np.allclose(step[n].numpy(), expected, atol=1e-9, rtol=1e-7)
+        above = grad[n].abs() > scale
+        assert above.sum() == 19 and bool((step[n][above].abs() == 0.5).all())  # the top tenth, outlier too
+    assert torch.equal(_one_step(FieldAdam, torch.zeros_like(grad), grad, quantile=1.0),
+                       _one_step(FieldAdam, torch.zeros_like(grad), grad))
+    with pytest.raises(ValueError, match="quantile"):
+        FieldAdam([nn.Parameter(grad.clone())], quantile=0.0)
+
+
 def test_adam_is_torch_adam(rng):
     """airlab.optim.Adam (which spares a command-line run torch._dynamo's import) takes the
     same steps as torch.optim.Adam, with param groups, a changed lr and a closure."""

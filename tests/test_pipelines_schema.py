@@ -171,9 +171,16 @@ def test_options_that_do_not_apply_are_refused(tmp_path):
     path.write_text(base.format(t="bspline", o="adam", extra="lr_unit: voxel"))
     with pytest.raises(ConfigError, match="field-adam"):
         load_config(path)
-    path.write_text(base.format(t="dense-velocity", o="field-adam", extra="gradient_sigma: 1.0"))
+    path.write_text(base.format(t="bspline", o="adam", extra="lr_quantile: 0.95"))
+    with pytest.raises(ConfigError, match="lr_quantile.*field-adam"):
+        load_config(path)
+    path.write_text(base.format(t="dense-velocity", o="field-adam", extra="lr_quantile: 1.5"))
+    with pytest.raises(ConfigError, match="lr_quantile"):
+        load_config(path)
+    path.write_text(base.format(t="dense-velocity", o="field-adam", extra="gradient_sigma: 1.0\n    lr_quantile: 0.95"))
     stage = load_config(path).stages[0].build(0, al.Grid([20, 20], [1.0, 1.0]))
     assert stage.gradient_sigma == 1.0 and stage.transform.name == "dense-velocity"
+    assert stage.lr_quantile == 0.95
 
 
 def test_the_schemas_name_tables_are_the_registries():

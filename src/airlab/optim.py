@@ -8,6 +8,7 @@ run that never compiles anything. Any ``torch.optim`` optimiser still plugs into
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -108,17 +109,34 @@ class FieldAdam(_Optimizer):
     that only the regulariser pulls back. Normalising by the largest gradient keeps the
     direction of the gradient, makes ``lr`` the size (mm) of the largest step, and lets steps
     shrink as the gradient vanishes. Batch elements stay independent.
+
+    ``quantile`` < 1 normalises by that quantile of the squared gradient entries instead of
+    their maximum, and clips the entries above it to a step of ``lr``. The largest gradient of
+    a field often sits at one hard edge (a brain cut out by its mask), which then sets the
+    step of every other entry; a quantile is a scale of the whole field that a few such
+    entries do not set (docs/architecture.md, "The step at a quantile").
     """
 
-    def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12, gradient_sigma: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, gradient_sigma=gradient_sigma))
+    def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12, gradient_sigma: float = 0.0,
+                 quantile: float = 1.0):
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, gradient_sigma=gradient_sigma, quantile=quantile))
 
     def _step(self, p, group):
-        g, (b1, b2) = p.grad, group["betas"]
+        g, (b1, b2), q = p.grad, group["betas"], group["quantile"]
         state, k = self._moments(p, (g.shape[0], *([1] * (g.dim() - 1))))
         state["m"].mul_(b1).add_(g, alpha=1 - b1)
-        peak = g.square().flatten(1).amax(1).view_as(state["v"])
-        state["v"].mul_(b2).add_(peak, alpha=1 - b2)
+        squares = g.square().flatten(1)
+        if q < 1.0:
+            rank = math.ceil(q * (squares.shape[1] - 1)) + 1  # numpy's quantile, method "higher"
+            peak = torch.kthvalue(squares, rank, dim=1).values
+        else:
+            peak = squares.amax(1)
+        state["v"].mul_(b2).add_(peak.view_as(state["v"]), alpha=1 - b2)
         m_hat = state["m"] / (1 - b1**k)
         v_hat = state["v"] / (1 - b2**k)
-        p.sub_(group["lr"] * m_hat / (v_hat.sqrt() + group["eps"]))
+        step = group["lr"] * m_hat / (v_hat.sqrt() + group["eps"])
+        if q < 1.0:
+            step = step.clamp_(-group["lr"], group["lr"])
+        p.sub_(step)

@@ -74,6 +74,9 @@ class Stage:
         gradient_sigma: for ``"adam"`` and ``"field-adam"``: smooth the gradient of field
             parameters (velocities, displacements, B-spline coefficients) with a Gaussian of this
             many of their voxels before each step (fluid-like updates).
+        lr_quantile: for ``"field-adam"``: ``lr`` is the step of the gradient entry at this
+            quantile of the field's entries (1: the largest); larger steps are clipped to
+            ``lr`` (:class:`~airlab.optim.FieldAdam`).
         interpolation: how the moving image is sampled while optimising: ``"linear"`` or
             ``"bspline"`` (cubic B-spline, its coefficients computed once per level; the gradient
             with respect to the points that of :func:`~airlab.splines.sample_cubic`). Linear
@@ -104,6 +107,7 @@ class Stage:
     regulariser_shrink: float = 1.0
     symmetric: bool = False
     gradient_sigma: float = 0.0
+    lr_quantile: float = 1.0
     interpolation: str = "linear"
     match_sharpness: bool = False
     name: str = "stage"

@@ -39,14 +39,14 @@ def param_groups(transform: Transform, lr: float, radius: float) -> list[dict]:
     return groups
 
 
-def make_optimizer(spec, groups, gradient_sigma: float = 0.0):
+def make_optimizer(spec, groups, gradient_sigma: float = 0.0, lr_quantile: float = 1.0):
     """``"adam"``, ``"field-adam"``, ``"lbfgs"`` or a factory ``(param_groups) -> Optimizer``."""
     if callable(spec):
         return spec(groups)
     if spec == "adam":
         return Adam(groups, gradient_sigma=gradient_sigma)
     if spec == "field-adam":
-        return FieldAdam(groups, gradient_sigma=gradient_sigma)
+        return FieldAdam(groups, gradient_sigma=gradient_sigma, quantile=lr_quantile)
     if spec == "lbfgs":
         params = [p for g in groups for p in g["params"]]
         return torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
@@ -104,7 +104,8 @@ def solve_level(objective: Objective, t: Transform, previous: Transform | None, 
     points = [v.grid.points(dtype=data.fixed.dtype, device=data.fixed.device) for v in views]
     # a strided objective varies with the sublattice: compare values of the same one
     monitor = Convergence(stage.tolerance, -(-stage.patience // len(views)) * len(views))
-    optimizer = make_optimizer(stage.optimizer, param_groups(t, stage.lr, radius), stage.gradient_sigma)
+    optimizer = make_optimizer(stage.optimizer, param_groups(t, stage.lr, radius), stage.gradient_sigma,
+                               stage.lr_quantile)
     decay = stage.decay and level.iterations > 1 and not isinstance(optimizer, torch.optim.LBFGS)
     base = [g["lr"] for g in optimizer.param_groups]
     emit("level_start", {**info, "max_iterations": level.iterations})

@@ -123,6 +123,8 @@ class StageConfig(_Strict):
     # field-adam's lr is its largest step in mm; "voxel" reads it in the fixed image's voxels
     # (their mean spacing), so that one pipeline steps alike on a 1 mm and a 2 mm image
     lr_unit: Literal["mm", "voxel"] = "mm"
+    # field-adam: lr is the step at this quantile of the gradient's entries (1: the largest)
+    lr_quantile: float = Field(1.0, gt=0.0, le=1.0)
     decay: bool = True
     tolerance: float = Field(1e-5, ge=0)
     patience: int = Field(20, ge=1)
@@ -169,6 +171,8 @@ class StageConfig(_Strict):
             raise ValueError("'gradient_sigma' needs optimizer adam or field-adam (L-BFGS takes its own steps)")
         if self.lr_unit == "voxel" and self.optimizer != "field-adam":
             raise ValueError("'lr_unit: voxel' needs optimizer field-adam (whose lr is a step in mm)")
+        if self.lr_quantile != 1.0 and self.optimizer != "field-adam":
+            raise ValueError("'lr_quantile' needs optimizer field-adam (whose lr is the step of its largest gradient)")
         if not self.exact_gradient and self.transform != "dense-velocity":
             raise ValueError("'exact_gradient: false' applies to transform: dense-velocity")
         wendland_only = [k for k in ("support", "order", "diffeomorphic") if getattr(self, k) is not None]
@@ -235,7 +239,7 @@ class StageConfig(_Strict):
             [(t.weight, REGULARISERS[t.name](**t.options())) for t in self.regularisers],
             levels=levels, optimizer=self.optimizer, lr=lr, decay=self.decay, tolerance=self.tolerance,
             patience=self.patience, regulariser_shrink=self.regulariser_shrink, symmetric=self.symmetric,
-            gradient_sigma=self.gradient_sigma,
+            gradient_sigma=self.gradient_sigma, lr_quantile=self.lr_quantile,
             interpolation=self.interpolation[-1] if isinstance(self.interpolation, list) else self.interpolation,
             match_sharpness=self.match_sharpness, name=self.name or f"{self.transform} {index + 1}",
         )
