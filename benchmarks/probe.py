@@ -1,15 +1,18 @@
 """One pipeline, quickly, on every kind of case: what tuning a preset needs, in one process.
 
-    python benchmarks/probe.py intersubject diffeomorphic my.yaml --what real,synth,contrast,fair \
-        [--case colin27-mni2] [--threads 1]
+    python benchmarks/probe.py intersubject diffeomorphic my.yaml --what real,synth,contrast,slice,fair \
+        [--case colin27-mni2,coronal-2d] [--threads 1] [--set lr=0.5 --set decay=false]
 
-Each argument is a preset name or a YAML pipeline (airlab's ``--config`` schema). Measures, in
-this process (no start-up or writing; process time, so that runs on a shared machine compare):
+Each argument is a preset name or a YAML pipeline (airlab's ``--config`` schema); ``--set KEY=VALUE``
+(a YAML value, repeatable) changes a key of every pipeline's last stage first, so that a row of a
+tuning table is one command. Measures, in this process (no start-up or writing; process time, so
+that runs on a shared machine compare):
 
-- ``real``: a real case of ``real_cases.py`` (``--case``), scored as there (Dice per tissue or
-  lung mask, SDlogJ, folded voxels in the mask);
+- ``real``: each real case of ``real_cases.py`` (``--case``, a comma list), scored as there (Dice
+  per tissue or lung mask, SDlogJ, folded voxels in the mask);
 - ``synth``, ``contrast``: ``accuracy.py``'s 2 mm MNI case, seed 1 (mean and p95 endpoint error in
   grey and white matter), the second with grey and white matter swapped;
+- ``slice``: ``accuracy.py``'s 1 mm axial slice (2D), the mean endpoint error over its three seeds;
 - ``match``: on the ``synth`` case, the correlation (inside grey and white matter) of the fixed
   image with the moving one warped by the true transform, sampled linearly and as a cubic
   B-spline, and by the pipeline's transform, sampled linearly: whether the truth is the optimum
@@ -37,10 +40,24 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def pipeline(name: str):
+def pipeline(name: str, changes: list[str] = ()):
+    """The pipeline ``name`` (a preset or a YAML file), its last stage changed by ``KEY=VALUE`` items."""
+    import yaml
     from airlab.pipelines import PipelineConfig, load_config
 
-    return load_config(name) if name.endswith((".yaml", ".yml")) else PipelineConfig(preset=name).resolve()
+    config = load_config(name) if name.endswith((".yaml", ".yml")) else PipelineConfig(preset=name).resolve()
+    if not changes:
+        return config
+    update = {}
+    for item in changes:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set wants KEY=VALUE, got {item!r}")
+        update[key.strip()] = yaml.safe_load(value)
+    stages = list(config.stages)
+    last = stages[-1].model_dump(exclude_unset=True) | update
+    stages[-1] = type(stages[-1]).model_validate(last)
+    return config.model_copy(update={"stages": stages})
 
 
 def real(config, case_name: str) -> dict:
@@ -75,6 +92,18 @@ def synthetic(config, contrast: bool) -> dict:
     history = []
     row = accuracy.measure(config, fixed, labels, 1, contrast=contrast, history=history)
     return row | {"cpu_s": time.process_time() - start, "sharpness": _sharpness(history)}
+
+
+def axial_slice(config) -> dict:
+    import accuracy
+    import airlab as al
+    from airlab.datasets import example_path
+
+    axial = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
+    start = time.process_time()
+    errors = [accuracy.measure(config, axial, None, seed)["mean"] for seed in (1, 2, 3)]
+    return {"mean_mm": round(sum(errors) / 3, 3), "seeds_mm": [round(e, 3) for e in errors],
+            "cpu_s": round((time.process_time() - start) / 3, 1)}
 
 
 def match(config) -> dict:
@@ -137,21 +166,28 @@ def fair(config, case) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipelines", nargs="+", help="preset names or YAML pipelines")
-    parser.add_argument("--what", default="real,synth,contrast", help="comma list of real, synth, contrast, match, fair")
-    parser.add_argument("--case", default="colin27-mni2", help="the real case (real_cases.py's names)")
+    parser.add_argument("--what", default="real,synth,contrast",
+                        help="comma list of real, synth, contrast, slice, match, fair")
+    parser.add_argument("--case", default="colin27-mni2", help="real cases, a comma list (real_cases.py's names)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a key of each pipeline's last stage (a YAML value; repeatable)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     what = set(args.what.split(","))
     fair_data = fair_case() if "fair" in what else None
     for name in args.pipelines:
-        config, row = pipeline(name), {"pipeline": name}
-        if "real" in what:
-            r = real(config, args.case)
+        config, row = pipeline(name, args.set), {"pipeline": name}
+        if args.set:
+            row["set"] = args.set
+        cases = args.case.split(",")
+        for case in cases if "real" in what else ():
+            r = real(config, case)
             dice = {k: round(v, 4) for k, v in r.items() if k.startswith("dice")}
-            row["real"] = dice | {"sdlogj": round(r["sdlogj"], 3), "folding": r["folding"], "cpu_s": round(r["cpu_s"], 1)}
+            key = "real" if len(cases) == 1 else case
+            row[key] = dice | {"sdlogj": round(r["sdlogj"], 3), "folding": r["folding"], "cpu_s": round(r["cpu_s"], 1)}
             if r["sharpness"]:
-                row["real"]["sharpness"] = r["sharpness"]
+                row[key]["sharpness"] = r["sharpness"]
         for key, contrast in (("synth", False), ("contrast", True)):
             if key in what:
                 r = synthetic(config, contrast)
@@ -159,6 +195,8 @@ def main():
                             "cpu_s": round(r["cpu_s"], 1)}
                 if r["sharpness"]:
                     row[key]["sharpness"] = r["sharpness"]
+        if "slice" in what:
+            row["slice"] = axial_slice(config)
         if "match" in what:
             row["match"] = match(config)
         if "fair" in what:

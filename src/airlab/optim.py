@@ -114,7 +114,7 @@ class FieldAdam(_Optimizer):
     their maximum, and clips the entries above it to a step of ``lr``. The largest gradient of
     a field often sits at one hard edge (a brain cut out by its mask), which then sets the
     step of every other entry; a quantile is a scale of the whole field that a few such
-    entries do not set (docs/architecture.md, "The step at a quantile").
+    entries do not set (docs/architecture.md, "A constant step, and the step at a quantile").
     """
 
     def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12, gradient_sigma: float = 0.0,
