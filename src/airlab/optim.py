@@ -111,10 +111,10 @@ class FieldAdam(_Optimizer):
     shrink as the gradient vanishes. Batch elements stay independent.
 
     ``quantile`` < 1 normalises by that quantile of the squared gradient entries instead of
-    their maximum, and clips the entries above it to a step of ``lr``. The largest gradient of
-    a field often sits at one hard edge (a brain cut out by its mask), which then sets the
-    step of every other entry; a quantile is a scale of the whole field that a few such
-    entries do not set (docs/architecture.md, "A constant step, and the step at a quantile").
+    their maximum, and clips the entries above it to a step of ``lr``. The largest gradient can
+    sit at one hard edge (a brain cut out by its mask, say) and then sets the step of every
+    other entry; a quantile is a scale of the whole field that a few such entries do not set
+    (docs/architecture.md, "A constant step, and the step at a quantile").
     """
 
     def __init__(self, params, lr: float = 0.5, betas=(0.9, 0.999), eps: float = 1e-12, gradient_sigma: float = 0.0,
