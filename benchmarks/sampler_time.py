@@ -4,7 +4,8 @@ level (every other voxel of a 99x117x95 grid, moved by a smooth displacement), o
 
     python benchmarks/sampler_time.py [--repeats 20]
 
-Also times the eight value fetches of a cubic sample with ``grid_sample``'s reflection padding,
+On the CPU the cubic sample is airlab.compiled's numba loop; the rows marked "grid_sample
+fetches" force the path it replaced (the GPU's). Also times the eight value fetches of a cubic sample with ``grid_sample``'s reflection padding,
 as ``splines.evaluate`` made them before it folded its points into the grid and fetched padded
 knots with border padding (docs/architecture.md, "A smoother update for cubic sampling"): the
 reason for that fold. And the lookup of a point's cell range (the clamp's bounds) with a gather
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from airlab import splines
+from airlab import compiled, splines
 from airlab.grid import sample_index
 
 
@@ -84,6 +85,17 @@ def main():
         with torch.no_grad():
             sample_index(low, torch.floor(index), "border")
 
+    def fetch_path(fn):
+        # the grid_sample path that airlab.compiled's loop replaces on the CPU (still the GPU's)
+        def run():
+            real = compiled.can_sample_cubic
+            compiled.can_sample_cubic = lambda *a: False
+            try:
+                fn()
+            finally:
+                compiled.can_sample_cubic = real
+        return run
+
     def values_reflection():
         with torch.no_grad():
             _reflection_values(coefficients, index)
@@ -94,8 +106,10 @@ def main():
           f"{args.repeats} (ms); the two value paths differ by at most {gap:.1e}\n")
     print("| what | ms |\n|---|---|")
     for label, fn in (("linear sample, forward and backward", linear),
-                      ("cubic sample (clamped), forward and backward", cubic),
-                      ("cubic values: folded points, padded knots, border fetches", values),
+                      ("cubic sample (clamped), forward and backward: the compiled loop", cubic),
+                      ("cubic sample (clamped), forward and backward: grid_sample fetches", fetch_path(cubic)),
+                      ("cubic values: the compiled loop", values),
+                      ("cubic values: folded points, padded knots, border fetches", fetch_path(values)),
                       ("cubic values: reflection fetches (before)", values_reflection),
                       ("cell range lookup: gather", corner_gather),
                       ("cell range lookup: grid_sample at the corner (before)", corner_grid_sample)):

@@ -80,7 +80,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-NUMERICS = ["airlab.grid", "airlab.filters", "airlab.splines", "airlab.spatial", "airlab.losses",
+NUMERICS = ["airlab.grid", "airlab.filters", "airlab.compiled", "airlab.splines", "airlab.spatial", "airlab.losses",
             "airlab.regularisers", "airlab.pyramid", "airlab.transforms.bspline", "airlab.transforms.wendland",
             "airlab.transforms.velocity", "airlab.transforms.dense"]
 
@@ -119,10 +119,13 @@ def test_numerics_layers():
     graph = _graph()
     assert graph["airlab.grid"] == set()
     assert graph["airlab.filters"] <= {"airlab.grid"}
-    assert graph["airlab.splines"] <= {"airlab.grid", "airlab.filters"}
+    assert graph["airlab.compiled_loops"] == set()  # compiled loops: arrays in, arrays out
+    assert graph["airlab.compiled"] <= {"airlab.compiled_loops"}
+    assert graph["airlab.splines"] <= {"airlab.grid", "airlab.filters", "airlab.compiled"}
 
 
-@pytest.mark.parametrize("module", ["airlab.grid", "airlab.filters", "airlab.splines", "airlab.spatial"])
+@pytest.mark.parametrize("module", ["airlab.grid", "airlab.filters", "airlab.compiled", "airlab.splines",
+                                    "airlab.spatial"])
 def test_each_numerics_module_imports_first(module):
     """Imported first in a fresh interpreter, each module finds what it needs (a cycle shows as
     an ImportError of a partially initialised module)."""

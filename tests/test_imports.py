@@ -17,7 +17,7 @@ import airlab
 HEAVY = ["torch", "SimpleITK", "numpy", "scipy", "matplotlib", "pydantic", "yaml", "dask", "distributed", "tqdm",
          "nibabel", "click"]
 # loaded by nothing but the commands (or functions) that use them
-ON_DEMAND = ["scipy", "matplotlib", "pydantic", "yaml", "dask", "distributed", "nibabel"]
+ON_DEMAND = ["scipy", "matplotlib", "pydantic", "yaml", "dask", "distributed", "nibabel", "numba"]
 
 
 def _loaded(code: str, packages: list[str]) -> list[str]:
@@ -85,3 +85,22 @@ assert r.exit_code == 0, r.output
 """
     assert _loaded(code, ON_DEMAND) == ["pydantic", "yaml"]
     assert (tmp_path / "out" / "warped.nii.gz").exists()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_deformable_registration_loads_the_compiled_loops_in_3d(ndim):
+    """A dense velocity squares with airlab.compiled's loops on the CPU in 3D, so numba is
+    loaded; in 2D never (PyTorch's 2D sampler is vectorised), nor for a rigid one (above)."""
+    code = f"""
+import torch, airlab as al
+from airlab.registration import Registration, Stage
+from airlab.losses import MSE
+from airlab.transforms import DenseVelocityField
+shape = (12, 14, 10)[:{ndim}]
+g = al.Grid(shape[::-1])
+mesh = torch.meshgrid(*[torch.arange(float(n)) for n in shape], indexing="ij")
+blob = lambda c: al.Image(torch.exp(-sum((m - c) ** 2 for m in mesh) / 10)[None, None], g)
+stage = Stage(lambda grid, n: DenseVelocityField(grid, n, exact_gradient=False), [(1.0, MSE())], optimizer="field-adam")
+Registration([stage], progress=False)(blob(5.0), blob(5.5))
+"""
+    assert ("numba" in _loaded(code, ON_DEMAND)) == (ndim == 3)

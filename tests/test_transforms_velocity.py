@@ -100,6 +100,7 @@ def test_dense_velocity_first_order_gradient(rng):
         fields.append(u.detach())
         if not exact:
             assert torch.allclose(t.velocity.grad, 2 * (u.detach() - target))
-    assert torch.equal(fields[0], fields[1])
+    # the same field; to rounding, as the first order squares without autograd (airlab.compiled)
+    assert torch.allclose(fields[0], fields[1], rtol=0, atol=1e-12)
     cosine = float((grads[0] * grads[1]).sum() / (grads[0].norm() * grads[1].norm()))
     assert cosine > 0.99

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from . import compiled
 from .errors import RegistrationError
 from .image import Image, as_image, resample
 from .inputs import initial_translation, prepare_pair
@@ -28,12 +29,27 @@ from .pyramid import Level, Pyramid, level_grid
 from .solver import solve_level
 from .spatial import Grid
 from .transforms import Composite, LinearTransform, Transform, Affine
+from .transforms.registry import TransformSpec
 
 __all__ = ["Level", "Stage", "Registration", "Result", "RegistrationError", "initial_translation", "compose_linear",
            "term_names"]
 
 
 TransformFactory = Callable[[Grid, int], Transform]
+
+_LINEAR_NAMES = ("translation", "rigid", "similarity", "affine")
+
+
+def _may_run_compiled(stage: "Stage") -> bool:
+    """Might the stage use :mod:`airlab.compiled`'s loops: does it sample cubically, or is its
+    transform deformable (cubic B-splines, scaling and squaring, also when the result is written)?
+    A linear pipeline never loads numba."""
+    if stage.interpolation == "bspline" or any(level.interpolation == "bspline" for level in stage.levels):
+        return True
+    t = stage.transform
+    if isinstance(t, TransformSpec):
+        return t.name not in _LINEAR_NAMES
+    return not isinstance(t, LinearTransform)
 
 
 @dataclass
@@ -257,6 +273,8 @@ class Registration:
         pair = prepare_pair(fixed, moving, fixed_mask=fixed_mask, moving_mask=moving_mask, device=device, dtype=dtype,
                             normalise_intensities=self.normalise)
         device = pair.fixed.device
+        if device.type == "cpu" and fixed.ndim == 3 and any(_may_run_compiled(stage) for stage in self.stages):
+            compiled.warm_up()  # numba's start-up, hidden behind the first stages
         landmarks = landmark_pairs(*landmarks, ndim=fixed.ndim, batch=pair.batch, device=device, dtype=dtype)
         done: list[Transform] = []  # stage transforms, fixed once their stage is over
         prior = None

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from . import compiled
 from .filters import convolve_axis, mirror_index, stencil_axis
 from .grid import sample_index
 
@@ -75,8 +76,16 @@ def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "m
 
     The B-spline weights are positive, so along each axis the four knots pair into two linear
     fetches at shifted positions (Sigg & Hadwiger, GPU Gems 2, ch. 20): ``2**D`` calls of
-    ``grid_sample`` instead of ``4**D`` gathers, and the result is the same spline exactly.
+    ``grid_sample`` instead of ``4**D`` gathers, and the result is the same spline exactly. On
+    the CPU, where no gradient is wanted, :mod:`airlab.compiled` reads the knots directly instead.
     """
+    if compiled.can_sample_cubic(coefficients, index):
+        return compiled.sample_cubic(coefficients, index, boundary)[0]
+    return _evaluate_fetches(coefficients, index, boundary)
+
+
+def _evaluate_fetches(coefficients: torch.Tensor, index: torch.Tensor, boundary: str) -> torch.Tensor:
+    """:func:`evaluate` by ``2**D`` linear fetches (any device, differentiable)."""
     if boundary == "mirror" and min(coefficients.shape[2:]) > 2:
         coefficients, index = _mirror_padded(coefficients, index)
         boundary = "border"
@@ -207,7 +216,14 @@ def _at_corner(tables: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[t
 class _CubicSample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, index, coefficients, gradient, boundary, low, high):
-        out = evaluate(coefficients, index, boundary)
+        if compiled.can_sample_cubic(coefficients, index):
+            # values, clamp and slope in one pass over the points
+            bounds = (low, high) if low is not None else None
+            slope_from = gradient if ctx.needs_input_grad[0] else None
+            out, kept, slope = compiled.sample_cubic(coefficients, index, boundary, bounds, slope_from)
+            ctx.save_for_backward(index, gradient, kept, slope)
+            return out
+        out = _evaluate_fetches(coefficients, index, boundary)
         kept = None
         if low is not None:
             # the cell's first corner; before the grid's first cell "border" gives the first
@@ -215,17 +231,18 @@ class _CubicSample(torch.autograd.Function):
             lo, hi = _at_corner((low, high), index)
             kept = (out >= lo) & (out <= hi)
             out = torch.minimum(torch.maximum(out, lo), hi)
-        ctx.save_for_backward(index, gradient, kept)
+        ctx.save_for_backward(index, gradient, kept, None)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        index, gradient, kept = ctx.saved_tensors
+        index, gradient, kept, slope = ctx.saved_tensors
         n, c, p = grad_out.shape
         d = index.shape[-1]
         if kept is not None:
             grad_out = grad_out * kept.to(grad_out.dtype)  # a clamped value is flat in the point
-        slope = sample_index(gradient, index, "border").view(n, c, d, p)
+        if slope is None:
+            slope = sample_index(gradient, index, "border").view(n, c, d, p)
         return (grad_out.unsqueeze(2) * slope).sum(1).transpose(1, 2), None, None, None, None, None
 
 

@@ -1,0 +1,155 @@
+"""The compiled loops of :mod:`airlab.compiled` (numba), in a module of their own so that numba
+is imported, and the loops compiled or loaded from numba's disk cache, only when one is first
+used.
+
+- ``cubic3``: per point, the 64 knots, folded at the boundary, summed in double precision; where
+  asked, the value clamped to its cell's range and the slope interpolated linearly.
+- ``square3``: one squaring of scaling and squaring.
+
+``start``/``stop``: the range of points (or planes) a call fills: one range per thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# Beyond this an index is a diverged transform, not a position (and would overflow an integer).
+_FAR = 1e9
+
+
+@njit(inline="always")
+def _tap(j, n, mirror):
+    """Knot ``j`` of an axis of ``n`` knots: mirrored about the end knots (ITK's
+    interpolator; any distance) or the edge knot repeated."""
+    if not mirror:
+        return min(max(j, 0), n - 1)
+    if n == 1:
+        return 0
+    period = 2 * (n - 1)
+    m = j % period  # numba follows Python: m >= 0
+    return period - m if m >= n else m
+
+
+@njit(inline="always")
+def _taps(first, n, mirror, out):
+    """The four knots from ``first`` on (``out``): folded only where they leave the grid, which
+    an integer modulo per knot would otherwise cost at every point."""
+    if first >= 0 and first + 3 < n:
+        for k in range(4):
+            out[k] = first + k
+    else:
+        for k in range(4):
+            out[k] = _tap(first + k, n, mirror)
+
+
+@njit(inline="always")
+def _weights(t):
+    t2 = t * t
+    t3 = t2 * t
+    w0 = (1.0 - t) ** 3 / 6.0
+    w1 = (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0
+    w2 = (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0
+    w3 = t3 / 6.0
+    return w0, w1, w2, w3
+
+
+@njit(inline="always")
+def _linear(u, n):
+    """grid_sample's border rule along one axis: the two knots and the upper weight."""
+    u = min(max(u, 0.0), n - 1.0)
+    i0 = int(math.floor(u))
+    i1 = min(i0 + 1, n - 1)
+    return i0, i1, u - i0
+
+
+@njit(nogil=True, cache=True)
+def cubic3(coef, index, mirror, low, high, grad, out, kept, slope, start, stop):
+    """Points ``start..stop`` of ``index [N, P, 3]`` on the spline ``coef [N or 1, C, Z, Y, X]``
+    into ``out [N, C, P]``; with ``low``/``high`` (else empty) the clamp and ``kept``; with
+    ``slope`` non-empty, ``grad [N or 1, 3 C, Z, Y, X]`` interpolated into it."""
+    nz, ny, nx = coef.shape[2], coef.shape[3], coef.shape[4]
+    channels = coef.shape[1]
+    bounded = low.shape[0] > 0
+    sloped = slope.shape[0] > 0
+    kx = np.empty(4, np.int64)
+    ky = np.empty(4, np.int64)
+    kz = np.empty(4, np.int64)
+    for n in range(index.shape[0]):
+        cn = n if coef.shape[0] > 1 else 0
+        for p in range(start, stop):
+            x, y, z = index[n, p, 0], index[n, p, 1], index[n, p, 2]
+            if not (abs(x) < _FAR and abs(y) < _FAR and abs(z) < _FAR):  # NaN too
+                for c in range(channels):
+                    out[n, c, p] = np.nan
+                    if bounded:
+                        kept[n, c, p] = False
+                    if sloped:
+                        slope[n, c, 0, p] = slope[n, c, 1, p] = slope[n, c, 2, p] = 0.0
+                continue
+            fx, fy, fz = math.floor(x), math.floor(y), math.floor(z)
+            wx = _weights(x - fx)
+            wy = _weights(y - fy)
+            wz = _weights(z - fz)
+            _taps(int(fx) - 1, nx, mirror, kx)
+            _taps(int(fy) - 1, ny, mirror, ky)
+            _taps(int(fz) - 1, nz, mirror, kz)
+            for c in range(channels):
+                acc = 0.0
+                for k in range(4):
+                    plane = 0.0
+                    for j in range(4):
+                        row = coef[cn, c, kz[k], ky[j]]
+                        plane += wy[j] * (wx[0] * row[kx[0]] + wx[1] * row[kx[1]]
+                                          + wx[2] * row[kx[2]] + wx[3] * row[kx[3]])
+                    acc += wz[k] * plane
+                if bounded:
+                    cx = min(max(int(fx), 0), nx - 1)
+                    cy = min(max(int(fy), 0), ny - 1)
+                    cz = min(max(int(fz), 0), nz - 1)
+                    lo, hi = low[cn, c, cz, cy, cx], high[cn, c, cz, cy, cx]
+                    kept[n, c, p] = lo <= acc <= hi
+                    acc = min(max(acc, lo), hi)
+                out[n, c, p] = acc
+                if sloped:
+                    x0, x1, tx = _linear(x, nx)
+                    y0, y1, ty = _linear(y, ny)
+                    z0, z1, tz = _linear(z, nz)
+                    for a in range(3):
+                        g = grad[cn, 3 * c + a]
+                        s0 = (1 - ty) * ((1 - tx) * g[z0, y0, x0] + tx * g[z0, y0, x1]) \
+                            + ty * ((1 - tx) * g[z0, y1, x0] + tx * g[z0, y1, x1])
+                        s1 = (1 - ty) * ((1 - tx) * g[z1, y0, x0] + tx * g[z1, y0, x1]) \
+                            + ty * ((1 - tx) * g[z1, y1, x0] + tx * g[z1, y1, x1])
+                        slope[n, c, a, p] = (1 - tz) * s0 + tz * s1
+
+
+@njit(nogil=True, cache=True)
+def square3(u, out, start, stop):
+    """One squaring of scaling and squaring, ``u(x) + u(x + u(x))`` on planes ``start..stop`` of
+    ``u [N, 3, Z, Y, X]`` in grid_sample's normalised units (border extension)."""
+    nz, ny, nx = u.shape[2], u.shape[3], u.shape[4]
+    sx, sy, sz = (nx - 1) / 2.0, (ny - 1) / 2.0, (nz - 1) / 2.0
+    for n in range(u.shape[0]):
+        for z in range(start, stop):
+            for y in range(ny):
+                for x in range(nx):
+                    px = x + u[n, 0, z, y, x] * sx
+                    py = y + u[n, 1, z, y, x] * sy
+                    pz = z + u[n, 2, z, y, x] * sz
+                    if not (abs(px) < _FAR and abs(py) < _FAR and abs(pz) < _FAR):
+                        for a in range(3):
+                            out[n, a, z, y, x] = np.nan
+                        continue
+                    x0, x1, tx = _linear(px, nx)
+                    y0, y1, ty = _linear(py, ny)
+                    z0, z1, tz = _linear(pz, nz)
+                    for a in range(3):
+                        g = u[n, a]
+                        s0 = (1 - ty) * ((1 - tx) * g[z0, y0, x0] + tx * g[z0, y0, x1]) \
+                            + ty * ((1 - tx) * g[z0, y1, x0] + tx * g[z0, y1, x1])
+                        s1 = (1 - ty) * ((1 - tx) * g[z1, y0, x0] + tx * g[z1, y0, x1]) \
+                            + ty * ((1 - tx) * g[z1, y1, x0] + tx * g[z1, y1, x1])
+                        out[n, a, z, y, x] = g[z, y, x] + (1 - tz) * s0 + tz * s1
