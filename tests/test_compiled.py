@@ -181,3 +181,27 @@ def test_exponential_is_the_same_with_and_without_the_loop(rng, monkeypatch):
     ours = exponential(v, grid, steps=5)
     monkeypatch.setattr(compiled, "can_square", lambda u: False)
     assert torch.allclose(ours, exponential(v, grid, steps=5), atol=1e-10)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_forked_child_does_not_inherit_the_thread_pool(rng):
+    """A process forked after the loops ran on threads (a worker pool started with fork) must
+    start a pool of its own: its parent's threads do not exist in it, and work given to them
+    would never run."""
+    import os
+
+    shape = (20, 24, 22)
+    coefficients = torch.as_tensor(rng.normal(size=(1, 1, *shape)), dtype=torch.float32)
+    index = _index(rng, shape, 1, 40000).to(torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compiled.sample_cubic(coefficients, index)
+    finally:
+        torch.set_num_threads(threads)
+    assert compiled._pool is not None
+    pid = os.fork()
+    if pid == 0:  # the child checks and leaves at once (no pytest teardown in it)
+        os._exit(0 if compiled._pool is None and compiled._pool_size == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -29,6 +29,7 @@ loops on the CPU").
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,6 +48,17 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
 _warmed = False
+
+
+def _after_fork() -> None:
+    """A forked child has none of its parent's threads: a pool inherited from the parent would
+    take work and never run it."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _compiled_loops():
