@@ -13,14 +13,18 @@ of ``--repeats`` calls, wall clock, at 1 and at 2 threads; the kernel's first (c
 cache-loading) call is reported apart.
 
 With ``--pair FIXED MOVING --preset P`` (a preset name or a YAML pipeline), the whole
-registration of that pair in this process, with the loops and without (the grid_sample path
-forced), alternating, ``--rounds`` times each after one warm-up run: wall and process time, at
+registration of that pair in this process, with the loops and without (the grid_sample and
+scatter_add paths forced), alternating, ``--rounds`` times each after one warm-up run: wall and process time, at
 PyTorch's default threads, and the iterations of every level (the same both ways, or the
 comparison says so).
 
 Squaring: one step of scaling and squaring (airlab.transforms.velocity.exponential), on the
 grids where a dense velocity lives at the finest level of a 2 mm and of a 1 mm brain (twice the
 level's spacing: 4 and 2 mm), a smooth random field of a few voxels.
+
+Mutual information: one forward and backward of ``losses.mutual_information`` (64 bins, a mask)
+between the 2 mm template and a copy with another contrast, at every second voxel (as a
+finest level with strides 2): the compiled Parzen histogram against ``scatter_add``.
 """
 
 from __future__ import annotations
@@ -83,17 +87,19 @@ def registration_rows(fixed_path: Path, moving_path: Path, preset: str, rounds: 
     from airlab.registration import Registration
 
     fixed, moving = (read_image(p).to(torch.float32) for p in (fixed_path, moving_path))
-    can_cubic, can_square = compiled.can_sample_cubic, compiled.can_square
+    checks = ("can_sample_cubic", "can_square", "can_histogram")
+    saved = {name: getattr(compiled, name) for name in checks}
 
     def run(loops: bool):
-        compiled.can_sample_cubic = can_cubic if loops else (lambda *a: False)
-        compiled.can_square = can_square if loops else (lambda u: False)
+        for name in checks:
+            setattr(compiled, name, saved[name] if loops else (lambda *a: False))
         try:
             wall, cpu = time.perf_counter(), time.process_time()
             result = Registration(pipeline(preset).build(fixed.grid), progress=False)(fixed, moving)
             return time.perf_counter() - wall, time.process_time() - cpu, [h["iterations"] for h in result.history]
         finally:
-            compiled.can_sample_cubic, compiled.can_square = can_cubic, can_square
+            for name in checks:
+                setattr(compiled, name, saved[name])
 
     run(True)  # numba's cache and the first allocations
     times = {True: [], False: []}
@@ -105,7 +111,7 @@ def registration_rows(fixed_path: Path, moving_path: Path, preset: str, rounds: 
                  f"{rounds} rounds; iterations per level {times[True][0][2]}"
                  f"{'' if same else ' (NOT the same in every run)'}:", "",
              "| path | wall s (each run) | process s (each run) |", "|---|---|---|"]
-    for loops, name in ((False, "grid_sample fetches"), (True, "compiled loops")):
+    for loops, name in ((False, "PyTorch (grid_sample, scatter_add)"), (True, "compiled loops")):
         lines.append(f"| {name} | {' / '.join(f'{t[0]:.2f}' for t in times[loops])} | "
                      f"{' / '.join(f'{t[1]:.2f}' for t in times[loops])} |")
     ratio = statistics.median(t[0] for t in times[True]) / statistics.median(t[0] for t in times[False])
@@ -163,6 +169,32 @@ def main(argv=None) -> int:
                 fetch = median_ms(lambda: u + grid_sample(u, identity + torch.movedim(u, 1, -1), "border"), args.repeats)
                 loop = median_ms(lambda: compiled.square(u), args.repeats)
                 lines.append(f"| {name} | {u[0, 0].numel()} | {threads} | {fetch:.1f} | {loop:.1f} | {fetch / loop:.1f}x |")
+    finally:
+        torch.set_num_threads(saved)
+    lines += ["", "| mutual information, forward and backward | voxels | threads | scatter_add | loop | speed-up |",
+              "|---|---|---|---|---|---|"]
+    from airlab.losses import mutual_information
+
+    fixed = brain[..., ::2, ::2, ::2].contiguous()
+    moving = (fixed.amax() - fixed) ** 1.5  # another contrast of the same anatomy
+    mask = (fixed > 0.1 * fixed.amax()).to(fixed.dtype)
+
+    def mi():
+        m = moving.detach().requires_grad_(True)
+        mutual_information(fixed, m, mask, bins=64).sum().backward()
+
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            loop = median_ms(mi, args.repeats)
+            real = compiled.can_histogram
+            compiled.can_histogram = lambda *a: False
+            try:
+                scatter = median_ms(mi, args.repeats)
+            finally:
+                compiled.can_histogram = real
+            lines.append(f"| 2 mm template, every 2nd voxel | {fixed.numel()} | {threads} | {scatter:.1f} | {loop:.1f} | "
+                         f"{scatter / loop:.1f}x |")
     finally:
         torch.set_num_threads(saved)
     lines += ["", f"The kernel's first call in this process (numba compiling it, or loading its disk cache): "

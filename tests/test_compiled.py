@@ -205,3 +205,41 @@ def test_a_forked_child_does_not_inherit_the_thread_pool(rng):
         os._exit(0 if compiled._pool is None and compiled._pool_size == 0 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _mi_and_gradients(fixed, moving, weight, bins):
+    fixed, moving = fixed.clone().requires_grad_(True), moving.clone().requires_grad_(True)
+    from airlab.losses import mutual_information
+
+    loss = mutual_information(fixed, moving, weight, bins=bins)
+    grads = torch.autograd.grad(loss.sum(), (fixed, moving))
+    return loss.detach(), grads
+
+
+def test_the_parzen_histogram_loop_is_the_scatters(rng, monkeypatch):
+    """Mutual information and its gradients (to both images) over two images of two channels
+    with a mask, by the loop and by the scatter_add path."""
+    fixed = torch.as_tensor(rng.uniform(size=(2, 2, 40, 42, 41)), dtype=torch.float32)
+    moving = (0.6 * fixed + 0.4 * torch.as_tensor(rng.uniform(size=fixed.shape), dtype=torch.float32))
+    weight = torch.as_tensor(rng.uniform(size=(2, 1, 40, 42, 41)) > 0.3, dtype=torch.float32)
+    assert compiled.can_histogram(torch.zeros(4, fixed[0, 0].numel()), torch.zeros(fixed[0, 0].numel()))
+    ours = _mi_and_gradients(fixed, moving, weight, 48)
+    monkeypatch.setattr(compiled, "can_histogram", lambda *args: False)
+    theirs = _mi_and_gradients(fixed, moving, weight, 48)
+    assert torch.allclose(ours[0], theirs[0], rtol=1e-6)
+    for a, b in zip(ours[1], theirs[1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_the_parzen_histogram_loop_passes_gradcheck(rng, monkeypatch):
+    monkeypatch.setattr(compiled, "_HISTOGRAM_VOXELS", 0)  # the loop at a size gradcheck can afford
+    from airlab.losses import mutual_information
+
+    fixed = torch.as_tensor(rng.uniform(size=(1, 1, 4, 5, 6))).requires_grad_(True)
+    moving = torch.as_tensor(rng.uniform(size=(1, 1, 4, 5, 6))).requires_grad_(True)
+    assert compiled.can_histogram(torch.zeros(4, 120, dtype=torch.float64), torch.zeros(120, dtype=torch.float64))
+    weight = torch.as_tensor(rng.uniform(0.2, 1.0, size=(1, 1, 4, 5, 6)))
+    # fixed ranges: the default ones (the images' min and max) carry no gradient
+    mi = lambda f, m: mutual_information(f, m, weight, bins=8, fixed_range=(-0.5, 1.5),  # noqa: E731
+                                         moving_range=(-0.5, 1.5))
+    assert torch.autograd.gradcheck(mi, (fixed, moving), eps=1e-6, atol=1e-6)

@@ -1,5 +1,5 @@
-"""Compiled CPU loops (numba) for the two hot spots of a dense 3D registration: cubic B-spline
-sampling, and the squarings of scaling and squaring.
+"""Compiled CPU loops (numba) for the hot spots of a dense 3D registration: cubic B-spline
+sampling, the squarings of scaling and squaring, and mutual information's Parzen histogram.
 
 :func:`airlab.splines.evaluate` builds a cubic sample from eight linear fetches of
 ``grid_sample``. That is the right shape for a GPU, but on the CPU PyTorch's 3D sampler is a
@@ -14,6 +14,11 @@ accumulated in double precision), checked against it in ``tests/test_compiled.py
 A squaring, ``u(x) + u(x + u(x))`` with ``u`` extended by its border values, is one
 ``grid_sample`` of the field at every voxel plus an addition: the same 3D scalar loop, here with
 the positions, the fetch and the sum in one pass (:func:`square`).
+
+Mutual information's joint histogram (:class:`airlab.losses._JointHistogram`) scatters 16
+products a voxel and gathers them back for the gradient; :func:`parzen_joint` adds them in a
+loop into one histogram per thread, and :func:`parzen_joint_grad` reads them back, on levels of
+at least ``_HISTOGRAM_VOXELS`` voxels.
 
 The kernels release the GIL, and the points are split over ``torch.get_num_threads()`` threads,
 so a caller that limits PyTorch's threads (a batch worker) limits these too. Compiled on first
@@ -40,10 +45,14 @@ import torch
 _NUMBA = importlib.util.find_spec("numba") is not None
 _loops = None  # airlab.compiled_loops once imported; False where it cannot be
 
-__all__ = ["can_sample_cubic", "can_square", "sample_cubic", "square", "warm_up"]
+__all__ = ["can_sample_cubic", "can_square", "can_histogram", "sample_cubic", "square", "parzen_joint",
+           "parzen_joint_grad", "warm_up"]
 
 # Below this many points per thread a second thread costs more than it saves.
 _POINTS_PER_THREAD = 8192
+# Below this many voxels a histogram is a coarse level's, cheap either way: not worth loading
+# numba for (a 2D registration's levels stay below it)
+_HISTOGRAM_VOXELS = 1 << 16
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -97,17 +106,29 @@ def can_square(u: torch.Tensor) -> bool:
     return u.dim() == 5 and u.shape[1] == 3 and _plain(u)
 
 
+def can_histogram(wf: torch.Tensor, tm: torch.Tensor) -> bool:
+    """Can :func:`parzen_joint` take these (``wf [4, V]``, ``tm [V]``; a level of at least
+    ``_HISTOGRAM_VOXELS`` voxels, see :func:`_plain`)?"""
+    return wf.dim() == 2 and wf.shape[0] == 4 and tm.shape[0] >= _HISTOGRAM_VOXELS and _plain(wf, tm)
+
+
 def _threads(points: int) -> int:
     return max(1, min(torch.get_num_threads(), points // _POINTS_PER_THREAD))
 
 
-def _run(kernel, args, extent: int, points: int) -> None:
+def _parts(extent: int, points: int) -> int:
+    return max(1, min(_threads(points), extent))
+
+
+def _run(kernel, args, extent: int, points: int, own: list[tuple] | None = None) -> None:
     """``kernel(*args, start, stop)`` over ``0..extent`` (points or planes), split over threads
-    by the number of ``points`` it touches."""
+    by the number of ``points`` it touches. ``own``: one tuple of arguments per part (outputs of
+    its own), put before ``start``; its length is the number of parts."""
     global _pool, _pool_size
-    parts = min(_threads(points), extent)
+    parts = len(own) if own is not None else _parts(extent, points)
+    own = own if own is not None else [()] * parts
     if parts == 1:
-        kernel(*args, 0, extent)
+        kernel(*args, *own[0], 0, extent)
         return
     with _pool_lock:
         if _pool_size < parts:
@@ -117,7 +138,8 @@ def _run(kernel, args, extent: int, points: int) -> None:
             _pool_size = parts
         pool = _pool
     edges = np.linspace(0, extent, parts + 1).astype(int)
-    for job in [pool.submit(kernel, *args, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]:
+    jobs = [pool.submit(kernel, *args, *own[k], int(lo), int(hi)) for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+    for job in jobs:
         job.result()
 
 
@@ -168,6 +190,30 @@ def square(u: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def parzen_joint(wf: torch.Tensor, tm: torch.Tensor, first: torch.Tensor, histograms: int, bins: int) -> torch.Tensor:
+    """The float64 joint histograms ``[histograms, bins, bins]`` of
+    :class:`airlab.losses._JointHistogram` (the same arguments): each thread fills histograms of
+    its own, summed at the end."""
+    n = tm.shape[0]
+    own = [torch.zeros(histograms, bins, bins, dtype=torch.float64) for _ in range(_parts(n, n))]
+    args = (wf.detach().contiguous().numpy(), tm.detach().contiguous().numpy(), first.contiguous().numpy(), bins - 3)
+    _run(_compiled_loops().parzen_joint, args, n, n, [(h.numpy(),) for h in own])
+    return own[0] if len(own) == 1 else torch.stack(own).sum(0)
+
+
+def parzen_joint_grad(wf: torch.Tensor, tm: torch.Tensor, first: torch.Tensor, bins: int, grad: torch.Tensor,
+                      want_wf: bool, want_tm: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The adjoint of :func:`parzen_joint` for ``grad [H, bins, bins]``: ``(grad_wf, grad_tm)``,
+    None where not wanted."""
+    n = tm.shape[0]
+    grad_wf = torch.empty_like(wf) if want_wf else wf.new_empty(4, 0)
+    grad_tm = torch.empty_like(tm) if want_tm else tm.new_empty(0)
+    args = (wf.detach().contiguous().numpy(), tm.detach().contiguous().numpy(), first.contiguous().numpy(), bins - 3,
+            grad.detach().to(torch.float64).contiguous().numpy(), grad_wf.numpy(), grad_tm.numpy())
+    _run(_compiled_loops().parzen_joint_grad, args, n, n)
+    return (grad_wf if want_wf else None), (grad_tm if want_tm else None)
+
+
 def warm_up() -> None:
     """Import numba and load (the first time: compile) the float32 loops in a background thread,
     once per process. A loop called before it is ready waits for it (numba's compiler lock);
@@ -185,5 +231,7 @@ def _warm() -> None:
         image = torch.zeros(1, 1, 4, 4, 4)
         square(torch.zeros(1, 3, 4, 4, 4))
         sample_cubic(image, torch.zeros(1, 2, 3), bounds=(image, image), gradient=torch.zeros(1, 3, 4, 4, 4))
+        wf, tm, first = torch.zeros(4, 2), torch.zeros(2), torch.zeros(2, dtype=torch.long)
+        parzen_joint_grad(wf, tm, first, 8, parzen_joint(wf, tm, first, 1, 8), True, True)
     except Exception:  # noqa: BLE001 - the same call in the registration raises it where it matters
         pass

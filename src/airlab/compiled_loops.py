@@ -5,6 +5,8 @@ used.
 - ``cubic3``: per point, the 64 knots, folded at the boundary, summed in double precision; where
   asked, the value clamped to its cell's range and the slope interpolated linearly.
 - ``square3``: one squaring of scaling and squaring.
+- ``parzen_joint``/``parzen_joint_grad``: the Parzen joint histogram of mutual information and
+  its adjoint.
 
 ``start``/``stop``: the range of points (or planes) a call fills: one range per thread.
 """
@@ -153,3 +155,55 @@ def square3(u, out, start, stop):
                         s1 = (1 - ty) * ((1 - tx) * g[z1, y0, x0] + tx * g[z1, y0, x1]) \
                             + ty * ((1 - tx) * g[z1, y1, x0] + tx * g[z1, y1, x1])
                         out[n, a, z, y, x] = g[z, y, x] + (1 - tz) * s0 + tz * s1
+
+
+@njit(inline="always")
+def _derivatives(t):
+    t2 = t * t
+    return -0.5 * (1.0 - t) ** 2, 1.5 * t2 - 2.0 * t, -1.5 * t2 + t + 0.5, 0.5 * t2
+
+
+@njit(inline="always")
+def _lattice(f, side):
+    """Histogram, first fixed bin and first moving bin of a flat index on the lattice of first
+    bins (``(histogram * side + fixed) * side + moving``)."""
+    h = f // (side * side)
+    r = f - h * side * side
+    i = r // side
+    return h, i, r - i * side
+
+
+@njit(nogil=True, cache=True)
+def parzen_joint(wf, tm, first, side, out, start, stop):
+    """Voxels ``start..stop`` into the joint histograms ``out [H, bins, bins]`` (float64): voxel
+    ``v`` adds ``wf[a, v] * wm[b]`` to bin ``(i + a, j + b)`` of its histogram, ``wm`` the cubic
+    weights of ``tm[v]`` and ``(h, i, j)`` its ``first`` on the lattice of first bins."""
+    for v in range(start, stop):
+        h, i, j = _lattice(first[v], side)
+        wm = _weights(tm[v])
+        for a in range(4):
+            x = wf[a, v]
+            for b in range(4):
+                out[h, i + a, j + b] += x * wm[b]
+
+
+@njit(nogil=True, cache=True)
+def parzen_joint_grad(wf, tm, first, side, grad, grad_wf, grad_tm, start, stop):
+    """The adjoint of :func:`parzen_joint` for ``grad [H, bins, bins]``: ``grad_wf [4, V]`` and
+    ``grad_tm [V]`` (each skipped where empty) on voxels ``start..stop``."""
+    want_wf = grad_wf.shape[1] > 0
+    want_tm = grad_tm.shape[0] > 0
+    for v in range(start, stop):
+        h, i, j = _lattice(first[v], side)
+        t = tm[v]
+        wm = _weights(t)
+        dm = _derivatives(t)
+        total = 0.0
+        for a in range(4):
+            row = grad[h, i + a]
+            if want_wf:
+                grad_wf[a, v] = row[j] * wm[0] + row[j + 1] * wm[1] + row[j + 2] * wm[2] + row[j + 3] * wm[3]
+            if want_tm:
+                total += wf[a, v] * (row[j] * dm[0] + row[j + 1] * dm[1] + row[j + 2] * dm[2] + row[j + 3] * dm[3])
+        if want_tm:
+            grad_tm[v] = total

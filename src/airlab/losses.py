@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import compiled
 from .filters import apply_axis_weights, box_kernel, convolution_matrix, gaussian_kernel, index_gradient
 from .spatial import Grid
 from .splines import cubic_derivatives, cubic_weights
@@ -307,11 +308,17 @@ class _JointHistogram(torch.autograd.Function):
     uniform background) exact without chunked partial sums. The gradient is written out: each
     voxel gathers its 4 x 4 block of ``dL/djoint`` and contracts it with the other side's
     weights, where autograd would keep and reduce [16, V] float64 products and differentiate the
-    spline weights op by op.
+    spline weights op by op. On the CPU, for a level of many voxels, both directions are one
+    compiled pass over the voxels instead (:func:`airlab.compiled.parzen_joint`).
     """
 
     @staticmethod
     def forward(ctx, wf, tm, first, histograms: int, bins: int, acc: torch.dtype):
+        ctx.save_for_backward(wf, tm, first)
+        ctx.histograms, ctx.bins = histograms, bins
+        ctx.compiled = acc == torch.float64 and compiled.can_histogram(wf, tm)
+        if ctx.compiled:
+            return compiled.parzen_joint(wf, tm, first, histograms, bins)
         wm = cubic_weights(tm, dim=0)
         lattice = histograms * (bins - 3) ** 2
         rows = torch.zeros(16, lattice, dtype=acc, device=wm.device)
@@ -319,8 +326,6 @@ class _JointHistogram(torch.autograd.Function):
             part = slice(lo, lo + _HISTOGRAM_SLICE)
             src = (wf[:, None, part].to(acc) * wm[None, :, part].to(acc)).reshape(16, -1)
             rows.scatter_add_(1, first[part].expand(16, -1), src)
-        ctx.save_for_backward(wf, tm, first)
-        ctx.histograms, ctx.bins = histograms, bins
         blocks = rows.view(16, histograms, -1).transpose(0, 1)  # [histograms, 4 x 4 offsets, first bins]
         return F.fold(blocks, (bins, bins), kernel_size=4).view(histograms, bins, bins)
 
@@ -328,6 +333,9 @@ class _JointHistogram(torch.autograd.Function):
     def backward(ctx, grad):
         wf, tm, first = ctx.saved_tensors
         h, bins = ctx.histograms, ctx.bins
+        if ctx.compiled:
+            grads = compiled.parzen_joint_grad(wf, tm, first, bins, grad, *ctx.needs_input_grad[:2])
+            return *grads, None, None, None, None
         wm = cubic_weights(tm, dim=0) if ctx.needs_input_grad[0] else None
         # unfold is fold's adjoint: dL/d(row of offset (a, b)) at each first bin
         blocks = F.unfold(grad.reshape(h, 1, bins, bins).to(tm.dtype), kernel_size=4)  # [h, 16, first bins]
