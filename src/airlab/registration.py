@@ -24,6 +24,7 @@ from .image import Image, as_image, resample
 from .inputs import initial_translation, prepare_pair
 from .landmarks import LANDMARK_WEIGHT, landmark_pairs
 from .objective import Objective, term_names
+from .pipelines.names import LINEAR_TRANSFORMS
 from .progress import as_observer, default_progress
 from .pyramid import Level, Pyramid, level_grid
 from .solver import solve_level
@@ -37,9 +38,6 @@ __all__ = ["Level", "Stage", "Registration", "Result", "RegistrationError", "ini
 
 TransformFactory = Callable[[Grid, int], Transform]
 
-_LINEAR_NAMES = ("translation", "rigid", "similarity", "affine")
-
-
 def _may_run_compiled(stage: "Stage") -> bool:
     """Might the stage use :mod:`airlab.compiled`'s loops: does it sample cubically, or is its
     transform deformable (cubic B-splines, scaling and squaring, also when the result is written)?
@@ -48,7 +46,7 @@ def _may_run_compiled(stage: "Stage") -> bool:
         return True
     t = stage.transform
     if isinstance(t, TransformSpec):
-        return t.name not in _LINEAR_NAMES
+        return t.name not in LINEAR_TRANSFORMS
     return not isinstance(t, LinearTransform)
 
 

@@ -8,12 +8,13 @@ constructors take; tests/test_pipelines_schema.py holds these tables equal to th
 (``transforms.TRANSFORMS``, ``losses.LOSSES``, ``regularisers.REGULARISERS``). A name added to a
 registry at run time (a user's own loss) is not here, and the schema asks the registry."""
 
-__all__ = ["PRESETS", "METRICS", "TRANSFORM_NAMES", "LOSS_OPTIONS", "REGULARISER_OPTIONS", "LATTICE_REGULARISERS"]
+__all__ = ["PRESETS", "METRICS", "TRANSFORM_NAMES", "LINEAR_TRANSFORMS", "LOSS_OPTIONS", "REGULARISER_OPTIONS", "LATTICE_REGULARISERS"]
 
 PRESETS = ("rigid", "affine", "bspline", "diffeomorphic", "intersubject")
 METRICS = ("mse", "ncc", "lncc", "mi", "nmi", "ngf", "ssim")
 
 TRANSFORM_NAMES = ("translation", "rigid", "similarity", "affine", "bspline", "velocity", "dense-velocity", "wendland")
+LINEAR_TRANSFORMS = TRANSFORM_NAMES[:4]
 
 # name -> the parameters of its constructor, as inspect.signature names them
 LOSS_OPTIONS = {

@@ -51,7 +51,8 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt,
                       model_validator)
 
 from ..errors import ConfigError
-from .names import LATTICE_REGULARISERS, LOSS_OPTIONS, METRICS, PRESETS, REGULARISER_OPTIONS, TRANSFORM_NAMES
+from .names import (LATTICE_REGULARISERS, LINEAR_TRANSFORMS, LOSS_OPTIONS, METRICS, PRESETS, REGULARISER_OPTIONS,
+                    TRANSFORM_NAMES)
 
 # The engine (and with it PyTorch) is imported where a pipeline is built, not where it is
 # validated: a batch runner's parent process validates and sends pipelines, nothing more.
@@ -62,8 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ConfigError", "PipelineConfig", "StageConfig", "TermConfig", "LevelConfig", "load_config", "pyramid",
            "PRESETS", "METRICS"]
-
-LINEAR = ("translation", "rigid", "similarity", "affine")
 
 
 def pyramid(grid: Grid, iterations: list[int] | int, *, finest: int = 1, coarsest_voxels: int = 25) -> list[Level]:
@@ -180,7 +179,7 @@ class StageConfig(_Strict):
             raise ValueError(f"{', '.join(wendland_only)}: only for transform: wendland")
         velocity = self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic
         lattice = [t.name for t in self.regularisers if _lattice(t.name)]
-        if lattice and (self.transform in LINEAR or self.transform == "dense-velocity"):
+        if lattice and (self.transform in LINEAR_TRANSFORMS or self.transform == "dense-velocity"):
             raise ValueError(f"regulariser {lattice[0]!r} penalises a coefficient lattice, which transform "
                              f"{self.transform!r} does not have; use it with bspline, velocity or wendland")
         if self.symmetric and not velocity:
@@ -221,7 +220,7 @@ class StageConfig(_Strict):
         levels = self.build_levels(grid)
         voxel = float(np.mean(grid.spacing))  # the fixed image's mean spacing, mm
         options = {}
-        if self.transform not in LINEAR and self.transform != "dense-velocity":
+        if self.transform not in LINEAR_TRANSFORMS and self.transform != "dense-velocity":
             # control points every 5 voxels of the finest level, twice that per coarser level
             options["control_spacing"] = self.control_spacing or 5.0 * voxel * 2 ** (len(levels) - 1)
         if self.transform in ("velocity", "dense-velocity") or self.transform == "wendland" and self.diffeomorphic:
@@ -396,5 +395,5 @@ def preset_pipeline(name: str, *, metric: str | None = None) -> PipelineConfig:
     linear = term if metric in ("mi", "nmi") else metric_term("ncc")
     stages = []
     for stage in pipeline.stages:
-        stages.append(stage.model_copy(update={"losses": [linear if stage.transform in LINEAR else term]}))
+        stages.append(stage.model_copy(update={"losses": [linear if stage.transform in LINEAR_TRANSFORMS else term]}))
     return pipeline.model_copy(update={"stages": stages})
