@@ -30,6 +30,7 @@ finest level with strides 2): the compiled Parzen histogram against ``scatter_ad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -87,19 +88,11 @@ def registration_rows(fixed_path: Path, moving_path: Path, preset: str, rounds: 
     from airlab.registration import Registration
 
     fixed, moving = (read_image(p).to(torch.float32) for p in (fixed_path, moving_path))
-    checks = ("can_sample_cubic", "can_square", "can_histogram")
-    saved = {name: getattr(compiled, name) for name in checks}
-
     def run(loops: bool):
-        for name in checks:
-            setattr(compiled, name, saved[name] if loops else (lambda *a: False))
-        try:
+        with contextlib.nullcontext() if loops else compiled.disabled():
             wall, cpu = time.perf_counter(), time.process_time()
             result = Registration(pipeline(preset).build(fixed.grid), progress=False)(fixed, moving)
             return time.perf_counter() - wall, time.process_time() - cpu, [h["iterations"] for h in result.history]
-        finally:
-            for name in checks:
-                setattr(compiled, name, saved[name])
 
     run(True)  # numba's cache and the first allocations
     times = {True: [], False: []}
@@ -148,12 +141,8 @@ def main(argv=None) -> int:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 kernel = median_ms(lambda: step(spline, bounds, index), args.repeats)
-                real = compiled.can_sample_cubic
-                compiled.can_sample_cubic = lambda *a: False
-                try:
+                with compiled.disabled():
                     fetches = median_ms(lambda: step(spline, bounds, index), args.repeats)
-                finally:
-                    compiled.can_sample_cubic = real
                 lines.append(f"| {name} | {index.shape[1]} | {threads} | {fetches:.1f} | {kernel:.1f} | "
                              f"{fetches / kernel:.1f}x |")
     finally:
@@ -187,12 +176,8 @@ def main(argv=None) -> int:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             loop = median_ms(mi, args.repeats)
-            real = compiled.can_histogram
-            compiled.can_histogram = lambda *a: False
-            try:
+            with compiled.disabled():
                 scatter = median_ms(mi, args.repeats)
-            finally:
-                compiled.can_histogram = real
             lines.append(f"| 2 mm template, every 2nd voxel | {fixed.numel()} | {threads} | {scatter:.1f} | {loop:.1f} | "
                          f"{scatter / loop:.1f}x |")
     finally:

@@ -88,12 +88,8 @@ def main():
     def fetch_path(fn):
         # the grid_sample path that airlab.compiled's loop replaces on the CPU (still the GPU's)
         def run():
-            real = compiled.can_sample_cubic
-            compiled.can_sample_cubic = lambda *a: False
-            try:
+            with compiled.disabled():
                 fn()
-            finally:
-                compiled.can_sample_cubic = real
         return run
 
     def values_reflection():

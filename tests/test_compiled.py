@@ -243,3 +243,11 @@ def test_the_parzen_histogram_loop_passes_gradcheck(rng, monkeypatch):
     mi = lambda f, m: mutual_information(f, m, weight, bins=8, fixed_range=(-0.5, 1.5),  # noqa: E731
                                          moving_range=(-0.5, 1.5))
     assert torch.autograd.gradcheck(mi, (fixed, moving), eps=1e-6, atol=1e-6)
+
+
+def test_disabled_sends_every_caller_to_pytorch():
+    coefficients, index = torch.zeros(1, 1, 4, 5, 6), torch.zeros(1, 3, 3)
+    with compiled.disabled():
+        assert not compiled.can_sample_cubic(coefficients, index)
+        assert not compiled.can_square(torch.zeros(1, 3, 4, 5, 6))
+    assert compiled.can_sample_cubic(coefficients, index)

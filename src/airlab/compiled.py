@@ -33,7 +33,7 @@ loops on the CPU").
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,12 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-# numba is a dependency; without it (an odd platform) the grid_sample path still works
-_NUMBA = importlib.util.find_spec("numba") is not None
-_loops = None  # airlab.compiled_loops once imported; False where it cannot be
+_loops = None  # airlab.compiled_loops once imported; False where it cannot be (no numba, say)
+_enabled = True  # see disabled()
 
 __all__ = ["can_sample_cubic", "can_square", "can_histogram", "sample_cubic", "square", "parzen_joint",
-           "parzen_joint_grad", "warm_up"]
+           "parzen_joint_grad", "warm_up", "disabled"]
 
 # Below this many points per thread a second thread costs more than it saves.
 _POINTS_PER_THREAD = 8192
@@ -88,7 +87,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
     """CPU tensors of one floating dtype through which no gradient is wanted (callers that
     differentiate take the ``grid_sample`` path), and the loops load."""
     return (
-        _NUMBA
+        _enabled
         and all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors)
         and tensors[0].dtype in (torch.float32, torch.float64)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
@@ -220,7 +219,7 @@ def warm_up() -> None:
     nothing else changes."""
     global _warmed
     with _pool_lock:
-        if not _NUMBA or _warmed:
+        if _warmed:
             return
         _warmed = True
     threading.Thread(target=_warm, daemon=True, name="airlab-warm-up").start()
@@ -235,3 +234,16 @@ def _warm() -> None:
         parzen_joint_grad(wf, tm, first, 8, parzen_joint(wf, tm, first, 1, 8), True, True)
     except Exception:  # noqa: BLE001 - the same call in the registration raises it where it matters
         pass
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block every caller takes the PyTorch path, as on a GPU: for comparisons
+    (``benchmarks/compiled_loops.py``, ``benchmarks/sampler_time.py``). Process-wide, so not
+    for use while other threads register."""
+    global _enabled
+    saved, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = saved
