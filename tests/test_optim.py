@@ -79,6 +79,20 @@ def test_field_adam_quantile_sets_the_step_of_that_entry(rng):
         FieldAdam([nn.Parameter(grad.clone())], quantile=0.0)
 
 
+def test_kth_smallest_is_torch_kthvalue(rng):
+    """FieldAdam's quantile on the CPU (numpy's introselect) picks torch.kthvalue's entry: ties,
+    NaN (last in both) and both dtypes included."""
+    from airlab.optim import _kth_smallest
+
+    for dtype in (torch.float32, torch.float64):
+        values = torch.as_tensor(rng.normal(size=(3, 1001)), dtype=dtype).round(decimals=1)  # many ties
+        values[1, 7] = float("nan")
+        for rank in (1, 2, 500, 951, 1000, 1001):
+            torch.testing.assert_close(_kth_smallest(values, rank), torch.kthvalue(values, rank, dim=1).values,
+                                       rtol=0, atol=0, equal_nan=True)
+        assert torch.isnan(_kth_smallest(values, 1001)[1])
+
+
 def test_adam_is_torch_adam(rng):
     """airlab.optim.Adam (which spares a command-line run torch._dynamo's import) takes the
     same steps as torch.optim.Adam, with param groups, a changed lr and a closure."""

@@ -287,3 +287,32 @@ def test_determinant_in_another_dtype_equals_converting_first(rng):
     u = torch.as_tensor(rng.normal(size=(1, 3, 40, 7, 9)) * 0.3, dtype=torch.float32)
     with torch.no_grad():
         assert torch.equal(jacobian_determinant(u, grid, torch.float64), jacobian_determinant(u.double(), grid))
+
+
+def test_shared_derivatives_differentiate_a_field_once(rng, monkeypatch):
+    """Inside shared_derivatives() diffusion and the folding penalty of one field share its
+    derivatives (the engine's regulariser terms): the same values and gradients, one
+    physical_gradient call instead of two; outside the block nothing is kept."""
+    import airlab.regularisers as regularisers
+
+    grid = oblique_grid(3, rng, size=(9, 8, 7))
+    u0 = torch.as_tensor(rng.normal(size=(2, 3, *grid.shape)) * 0.4)
+
+    def terms(u):
+        return diffusion(u, grid) + 3.0 * folding_penalty(u, grid, threshold=0.8)
+
+    u = u0.clone().requires_grad_(True)
+    alone = terms(u)
+    (alone_grad,) = torch.autograd.grad(alone.sum(), u)
+    calls = []
+    original = regularisers.physical_gradient
+    monkeypatch.setattr(regularisers, "physical_gradient", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with regularisers.shared_derivatives():
+        shared = terms(u)
+        assert len(calls) == 1
+        assert diffusion(u.detach().clone(), grid).shape == (2,) and len(calls) == 2  # another field
+    (shared_grad,) = torch.autograd.grad(shared.sum(), u)
+    torch.testing.assert_close(shared, alone, rtol=0, atol=0)
+    torch.testing.assert_close(shared_grad, alone_grad, rtol=1e-12, atol=1e-12)
+    terms(u)
+    assert len(calls) == 4 and regularisers._shared.get() is None

@@ -171,7 +171,10 @@ def sample_cubic(coefficients: torch.Tensor, index: torch.Tensor, boundary: str 
     kept = torch.empty(n, c, points, dtype=torch.bool) if bounds is not None else torch.empty(0, 1, 1, dtype=torch.bool)
     slope = torch.empty(n, c, d, points, dtype=dtype) if gradient is not None else torch.empty(0, 1, 1, 1, dtype=dtype)
     low, high = bounds if bounds is not None else (none, none)
-    args = (_array(coefficients), index.detach().contiguous().numpy(), boundary == "mirror", _array(low),
+    # components first: the loop reads each component as a stream, and the engine's indices are
+    # made that way (a [D, D] matrix times [D, P] points), so their transposed view costs no copy
+    components = index.detach().transpose(1, 2).contiguous()
+    args = (_array(coefficients), components.numpy(), boundary == "mirror", _array(low),
             _array(high), _array(gradient if gradient is not None else none), out.numpy(), kept.numpy(),
             slope.numpy())
     _run(_compiled_loops().cubic3, args, points, points)

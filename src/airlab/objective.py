@@ -20,8 +20,8 @@ from torch import nn
 from .errors import RegistrationError
 from .landmarks import landmark_loss
 from .pyramid import LevelData
-from .regularisers import ParameterRegulariser
-from .spatial import inside, sample
+from .regularisers import ParameterRegulariser, shared_derivatives
+from .spatial import inside, sample, sample_at_index
 from .transforms import LinearTransform, StationaryVelocityField, Transform
 
 __all__ = ["Evaluation", "Objective", "term_names"]
@@ -75,6 +75,7 @@ class Objective(nn.Module):
             self.register_buffer("landmark_weight", torch.tensor(w, dtype=dtype, device=device), persistent=False)
         # the field regularisers see the displacement; a ParameterRegulariser the coefficient lattice
         self.needs_field = any(not isinstance(r, ParameterRegulariser) for r in self.regularisers)
+        self._points: dict = {}  # see _components_first
 
     def mapped_points(self, t: Transform, previous: Transform | None, data: LevelData, points: torch.Tensor):
         """``(y, fixed, displacement)``: where the level's fixed points land in the moving image,
@@ -98,20 +99,70 @@ class Objective(nn.Module):
             y = previous(y)
         return y, fixed, disp
 
+    def moving_index(self, t: Transform, previous: Transform | None, data: LevelData, points: torch.Tensor):
+        """``(index, fixed, displacement)`` as :meth:`mapped_points`, with the moving image's
+        continuous indices ``[N, P, D]`` in place of physical points, or ``None`` where the
+        stages before are not one linear map (or the stage is symmetric).
+
+        A linear map before, and the moving grid's physical -> index map after, are one matrix
+        ``K``: ``index = K (x + u(x))``, one ``[D, D] x [D, P]`` product with the components
+        first, instead of two affine maps of ``[P, D]`` points (each a skinny matrix product of
+        about ten times the cost) and a third for the inside test; their backward goes with
+        them. A linear stage's own matrix joins ``K``, with its gradient."""
+        if self.symmetric or not (previous is None or isinstance(previous, LinearTransform)):
+            return None
+        grid, d = data.grid, data.grid.ndim
+        dtype, device = points.dtype, points.device
+        after = torch.as_tensor(data.moving_grid.physical_to_index_matrix(), dtype=torch.float64, device=device)[None]
+        if previous is not None:
+            after = after @ previous.homogeneous().detach().to(torch.float64)
+        x = self._components_first(points)  # [1, D, P]
+        disp = None
+        if isinstance(t, LinearTransform) and not self.regularisers:
+            matrix = after.to(dtype) @ t.homogeneous()  # a linear stage: its gradient flows through it
+        else:
+            disp = t.displacement(grid)
+            matrix = after.to(dtype)
+            x = x + disp.reshape(disp.shape[0], d, -1)
+        n = max(matrix.shape[0], x.shape[0])
+        matrix = matrix.expand(n, d + 1, d + 1)
+        index = torch.baddbmm(matrix[:, :d, d:], matrix[:, :d, :d], x.expand(n, d, x.shape[2]))
+        return index.transpose(1, 2), data.fixed, disp
+
+    def _components_first(self, points: torch.Tensor) -> torch.Tensor:
+        """``points [1, *shape, D]`` as ``[1, D, P]``, kept for the level's few point sets (one per
+        sublattice of a strided level)."""
+        key = (points.data_ptr(), tuple(points.shape), points.dtype, points.device)
+        if key not in self._points:
+            if len(self._points) >= 64:
+                self._points.clear()
+            flat = points.reshape(points.shape[0], -1, points.shape[-1])
+            # holds ``points`` too, so that its memory (the key) is not reused while kept
+            self._points[key] = (points, flat.transpose(1, 2).contiguous())
+        return self._points[key][1]
+
     def forward(self, t: Transform, previous: Transform | None, data: LevelData, points: torch.Tensor, *,
                 check_overlap: bool = False) -> Evaluation:
-        y, fixed, disp = self.mapped_points(t, previous, data, points)
+        mapped = self.moving_index(t, previous, data, points)
+        if mapped is None:
+            y, fixed, disp = self.mapped_points(t, previous, data, points)
+            index = data.moving_grid.physical_to_index(y.reshape(y.shape[0], -1, y.shape[-1]))
+        else:
+            index, fixed, disp = mapped
+        shape = points.shape[1:-1]
         # a level that samples cubically carries the moving image's spline (Registration sets it)
         spline = data.moving_spline
         interpolation = "linear" if spline is None else "bspline"
-        warped = sample(data.moving, data.moving_grid, y, interpolation, outside=None, spline=spline)
-        index = data.moving_grid.physical_to_index(y.detach())
-        weight = inside(index, data.moving_grid.size).unsqueeze(1).to(warped.dtype)
+        warped = sample_at_index(data.moving, data.moving_grid, index, interpolation, outside=None, spline=spline)
+        warped = warped.reshape(*warped.shape[:2], *shape)
+        index = index.detach()
+        weight = inside(index, data.moving_grid.size).unsqueeze(1).to(warped.dtype).reshape(-1, 1, *shape)
         if data.fixed_weight is not None:
             weight = weight * data.fixed_weight
         if data.moving_mask is not None:
             # detached: masks say which voxels count; the optimiser must not gain by moving them
-            weight = weight * sample(data.moving_mask, data.moving_grid, y.detach(), "linear", outside=0.0)
+            mask = sample_at_index(data.moving_mask.to(index.dtype), data.moving_grid, index, "linear", outside=0.0)
+            weight = weight * mask.reshape(*mask.shape[:2], *shape)
         overlap = weight.flatten(1).sum(1)
         if check_overlap:
             check_overlap_of(overlap)
@@ -126,11 +177,12 @@ class Objective(nn.Module):
         if self.needs_field:
             reg_grid = data.regulariser_grid or data.grid
             reg_disp = disp if reg_grid is data.grid and disp is not None else t.displacement(reg_grid)
-        for reg in self.regularisers:
-            # a coefficient penalty sees the lattice the optimiser moves, not the field it spans
-            v = reg(*t.coefficient_lattice()) if isinstance(reg, ParameterRegulariser) else reg(reg_disp, reg_grid)
-            terms[next(names)] = v.detach()
-            total = total + next(weights) * v
+        with shared_derivatives():  # diffusion and folding differentiate the field once
+            for reg in self.regularisers:
+                # a coefficient penalty sees the lattice the optimiser moves, not the field it spans
+                v = reg(*t.coefficient_lattice()) if isinstance(reg, ParameterRegulariser) else reg(reg_disp, reg_grid)
+                terms[next(names)] = v.detach()
+                total = total + next(weights) * v
         if self.landmarks is not None:
             fixed_points, moving_points = self.landmarks
             mapped = t(fixed_points)  # this stage acts first, then the ones found before it

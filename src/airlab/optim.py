@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 from .filters import gaussian_operators, gaussian_smooth
@@ -82,6 +83,16 @@ class _Optimizer:
         return loss
 
 
+def _kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """``torch.kthvalue(values, rank, dim=1).values`` for ``values [N, M]``. On the CPU numpy's
+    introselect finds the same entry in about two thirds of the time (a finest level's 400 000
+    entries: 2.2 against 3.0 ms, one thread)."""
+    if values.device.type != "cpu" or values.requires_grad:
+        return torch.kthvalue(values, rank, dim=1).values
+    chosen = np.partition(values.numpy(), rank - 1, axis=1)[:, rank - 1]
+    return torch.from_numpy(np.ascontiguousarray(chosen))
+
+
 class Adam(_Optimizer):
     """Adam (Kingma and Ba), the same update as ``torch.optim.Adam`` with its defaults.
 
@@ -130,7 +141,7 @@ class FieldAdam(_Optimizer):
         squares = g.square().flatten(1)
         if q < 1.0:
             rank = math.ceil(q * (squares.shape[1] - 1)) + 1  # numpy's quantile, method "higher"
-            peak = torch.kthvalue(squares, rank, dim=1).values
+            peak = _kth_smallest(squares, rank)
         else:
             peak = squares.amax(1)
         state["v"].mul_(b2).add_(peak.view_as(state["v"]), alpha=1 - b2)

@@ -18,6 +18,9 @@ borders. Pair them with a smooth parameterisation (B-spline, smoothed velocity) 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,6 +41,7 @@ __all__ = [
     "sparsity",
     "folding_penalty",
     "parameter_norm",
+    "shared_derivatives",
     "Diffusion",
     "BendingEnergy",
     "TotalVariation",
@@ -54,6 +58,37 @@ __all__ = [
     "CoefficientTVL1",
     "REGULARISERS",
 ]
+
+
+# the derivatives of the fields seen in a shared_derivatives() block, per thread (a batch runner
+# may register in several threads); None outside such a block
+_shared = contextvars.ContextVar("airlab_shared_derivatives", default=None)
+
+
+@contextlib.contextmanager
+def shared_derivatives():
+    """Within this block the regularisers differentiate a field once: diffusion and the folding
+    penalty of one evaluation (the engine's) share ``physical_gradient``'s derivatives, and the
+    backward pass runs through them once. The caller promises not to change a field in place
+    inside the block."""
+    token = _shared.set({})
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+def _derivatives(field: torch.Tensor, grid: Grid, rotate: bool = True) -> torch.Tensor:
+    """``physical_gradient(field, grid, rotate)``, kept within a :func:`shared_derivatives` block."""
+    cache = _shared.get()
+    if cache is None:
+        return physical_gradient(field, grid, rotate)
+    key = (id(field), grid, rotate)
+    kept = cache.get(key)
+    if kept is None or kept[0] is not field:
+        # the field itself is kept with its derivatives, so that its id is not reused in the block
+        kept = cache[key] = (field, physical_gradient(field, grid, rotate))
+    return kept[1]
 
 
 def _check(displacement: torch.Tensor, grid: Grid, differentiate: bool = True) -> None:
@@ -73,7 +108,7 @@ def _check(displacement: torch.Tensor, grid: Grid, differentiate: bool = True) -
 def jacobian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     """``[N, D, D, *shape]`` with entry ``[i, j] = d u_i / d x_j`` (physical coordinates)."""
     _check(displacement, grid)
-    return physical_gradient(displacement, grid)
+    return _derivatives(displacement, grid)
 
 
 def hessian(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -96,7 +131,7 @@ def _gradient_norms(displacement: torch.Tensor, grid: Grid, order: int) -> torch
     """
     _check(displacement, grid)
     rotate = not grid.orthonormal
-    out = physical_gradient(displacement, grid, rotate)
+    out = _derivatives(displacement, grid, rotate)
     if order == 2:
         out = physical_gradient(out.flatten(1, 2), grid, rotate)
     return out.pow(2).flatten(1, 2).sum(dim=1)
@@ -137,7 +172,7 @@ def total_variation_l1(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     smoothed: its subgradient at 0 is 0, and gradcheck on random fields does not land on a kink.
     """
     _check(displacement, grid)
-    grad = physical_gradient(displacement, grid, rotate=not grid.axis_aligned)
+    grad = _derivatives(displacement, grid, rotate=not grid.axis_aligned)
     return _voxel_mean(grad.abs().flatten(1, 2).sum(dim=1))
 
 
@@ -200,7 +235,7 @@ def jacobian_determinant(displacement: torch.Tensor, grid: Grid, dtype: torch.dt
 
 def _determinant(displacement: torch.Tensor, grid: Grid) -> torch.Tensor:
     d = grid.ndim
-    k = physical_gradient(displacement, grid, rotate=False)  # [N, c, a, *shape]: du_c / d(mm along axis a)
+    k = _derivatives(displacement, grid, rotate=False)  # [N, c, a, *shape]: du_c / d(mm along axis a)
     r = np.asarray(grid.direction, dtype=np.float64).reshape(d, d)
     # one addition and unbinds, not d * d indexings: each would allocate and fill a zero
     # [N, D, D, *shape] tensor in the backward pass

@@ -13,7 +13,7 @@ from .filters import apply_axis_weights
 from .grid import Grid, grid_sample, inside, sample_index  # noqa: F401  (grid_sample, inside: re-exported)
 from .splines import bspline_interpolate, linear_axis_weights, sample_cubic
 
-__all__ = ["Grid", "sample", "sample_grid", "interpolation_matrices", "INTERPOLATIONS"]
+__all__ = ["Grid", "sample", "sample_at_index", "sample_grid", "interpolation_matrices", "INTERPOLATIONS"]
 
 INTERPOLATIONS = ("linear", "nearest", "bspline", "label")
 
@@ -109,7 +109,18 @@ def sample(
         data = data.to(points.dtype if points.is_floating_point() else torch.float32)
     if data.is_floating_point():
         flat = flat.to(data.dtype)
-    index = grid.physical_to_index(flat)
+    out = sample_at_index(data, grid, grid.physical_to_index(flat), interpolation, outside, spline)
+    return out.reshape(*out.shape[:2], *middle)
+
+
+def sample_at_index(data: torch.Tensor, grid: Grid, index: torch.Tensor, interpolation: str = "linear",
+                    outside: float | None = 0.0, spline: tuple | None = None) -> torch.Tensor:
+    """:func:`sample` at continuous indices ``index [N, P, D]`` of ``grid`` instead of physical
+    points: ``[N, C, P]``. For a caller that maps its points to the image's indices itself (the
+    engine folds that map into the transform's matrix). Batches of 1 broadcast as in
+    :func:`sample`; ``data`` must be floating for every interpolation but the integer-keeping two."""
+    if data.shape[0] != index.shape[0]:
+        data, index = _broadcast_batch(data, index)
     if interpolation == "linear":
         out = sample_index(data, index, "border")
     elif interpolation == "nearest":
@@ -126,7 +137,7 @@ def sample(
         keep = inside(index, grid.size).unsqueeze(1)
         fill = torch.as_tensor(outside, dtype=out.dtype, device=out.device)
         out = torch.where(keep, out, fill)
-    return out.reshape(*out.shape[:2], *middle)
+    return out
 
 
 def sample_grid(data: torch.Tensor, grid: Grid, target: Grid, outside: float | None = 0.0,

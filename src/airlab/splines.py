@@ -242,7 +242,7 @@ class _CubicSample(torch.autograd.Function):
         if kept is not None:
             grad_out = grad_out * kept.to(grad_out.dtype)  # a clamped value is flat in the point
         if slope is None:
-            slope = sample_index(gradient, index, "border").view(n, c, d, p)
+            slope = sample_index(gradient, index, "border").reshape(n, c, d, p)
         return (grad_out.unsqueeze(2) * slope).sum(1).transpose(1, 2), None, None, None, None, None
 
 
