@@ -234,6 +234,44 @@ def test_sample_grid_with_filters_is_smoothing_then_sampling(d, rng):
                               atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_interpolation_steps_are_the_matrices(d, rng):
+    """Axes with the source's spacing (a dense velocity on a strided level) become views, means
+    and blends of two views: the matrices' numbers (bit for bit where every axis is a view or a
+    mean), and their gradient; other axes keep their matrix."""
+    from airlab.filters import apply_axis_weights
+    from airlab.spatial import apply_interpolation, interpolation_matrices, interpolation_steps
+
+    def coarse(level):
+        return level.with_spacing(np.asarray(level.spacing) * 2)
+
+    odd = oblique_grid(d, rng, size=(19, 17, 13)[:d])  # the coarse grid's voxels: every other one
+    even = oblique_grid(d, rng, size=(18, 16, 12)[:d])  # a quarter of a coarse voxel off them
+    pairs = [(coarse(odd), odd.subgrid(2, o)) for o in ([0] * d, [1] * d, [1, 0, 1][:d], [0, 1, 1][:d])]
+    pairs += [(coarse(odd), odd), (coarse(odd), odd.subgrid(3, [1] * d)), (coarse(odd), coarse(odd))]
+    pairs += [(coarse(even), even.subgrid(2, o)) for o in ([0] * d, [1] * d)]
+    kinds = set()
+    for source, target in pairs:
+        x = torch.as_tensor(rng.normal(size=(2, 3, *source.shape)), dtype=torch.float32).requires_grad_()
+        steps = interpolation_steps(source, target, 0.0, torch.float32)
+        kinds |= {"matrix" if not isinstance(s, tuple) else {0.0: "view", 0.5: "half"}.get(s[2], "blend")
+                  for s in steps}
+        ours = apply_interpolation(x, steps)
+        ref = apply_axis_weights(x, interpolation_matrices(source, target, 0.0, None, torch.float32))
+        if all(not isinstance(s, tuple) or s[2] in (0.0, 0.5) for s in steps):
+            assert torch.equal(ours, ref), target
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        w = torch.randn_like(ref)
+        (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
+        (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-6)
+    assert kinds == {"view", "half", "blend", "matrix"}
+    # every sublattice of a strided level of odd sizes (MNI152's, at 1 and 2 mm): no matrix on any
+    # axis (with even sizes the outer voxels lie beyond the coarse grid, and take the matrix's border rule)
+    for offset in ([0] * d, [1] * d):
+        assert all(isinstance(s, tuple) for s in interpolation_steps(coarse(odd), odd.subgrid(2, offset)))
+
+
 def test_sample_grid_gradient(rng):
     from airlab.spatial import sample_grid
 

@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from .. import compiled
-from ..filters import apply_axis_weights
-from ..spatial import Grid, grid_sample, interpolation_matrices, sample_grid
+from ..spatial import Grid, apply_interpolation, grid_sample, interpolation_steps, sample_grid
 from .base import Transform
 from .bspline import BSplineTransform
 from .dense import field_parameter, sample_field
@@ -139,10 +138,10 @@ class StationaryVelocityField(Transform):
         u = self.field()
         if not grid.aligned_with(self.grid):
             return sample_grid(u, self.grid, grid)  # == sample_field at grid's points
-        # sample_grid's interpolation on aligned grids, with its matrices kept
-        matrices = self._constant(("resample", grid, u.dtype, u.device),
-                                  lambda: interpolation_matrices(self.grid, grid, 0.0, None, u.dtype, u.device))
-        return apply_axis_weights(u, matrices)
+        # sample_grid's interpolation on aligned grids, with its steps kept
+        steps = self._constant(("resample", grid, u.dtype, u.device),
+                               lambda: interpolation_steps(self.grid, grid, 0.0, u.dtype, u.device))
+        return apply_interpolation(u, steps)
 
     @torch.no_grad()
     def regrid(self, grid: Grid) -> None:
