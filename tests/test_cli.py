@@ -242,6 +242,20 @@ def test_garbage_collector_is_frozen_only_in_the_console_process():
     assert "frozen: True" in done.stdout
 
 
+@pytest.mark.parametrize("given", [None, "300000"])
+def test_the_command_shortens_openmp_spinning_unless_told(given):
+    """The console entry point sets GOMP_SPINCOUNT before torch loads (libgomp reads it once),
+    keeping a value the user gave; in-process callers (the library) are left alone."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})
+    code = ("import atexit, os, sys; atexit.register(lambda: print('spin:', os.environ.get('GOMP_SPINCOUNT'), "
+            "'torch' in sys.modules)); sys.argv = ['airlab', '--version']; from airlab.cli import run; run()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"spin: {given or 10000} False" in done.stdout
+
+
 @pytest.mark.parametrize("error", ["MemoryError()", "torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2 GiB')"])
 def test_running_out_of_memory_is_one_line_and_leaves_nothing(tmp_path, error):
     """Memory runs out inside the engine (simulated: a real one would need a machine's worth of

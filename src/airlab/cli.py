@@ -455,9 +455,21 @@ def _exit(code: int):
     sys.exit(code)
 
 
+def _short_openmp_spin() -> None:
+    """Let PyTorch's OpenMP workers spin 10 000 times, not libgomp's default 300 000, before they
+    sleep after a parallel operation (unless the user set ``GOMP_SPINCOUNT``). Must run before
+    torch is imported. A spinning worker holds a core that ``airlab.compiled``'s loop threads need:
+    on 2 threads a finest level's cubic sample took 15 ms instead of 8, and a whole ``c_q95``
+    registration of a 2 mm pair 16% more time (docs/architecture.md, "Threads")."""
+    import os
+
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+
 def run():  # pragma: no cover - console entry point with friendly errors
     """``airlab``: errors are one line on stderr; exit 2 for usage (and unusable input given
     before any work), 1 for failures; ``--debug`` shows the traceback instead."""
+    _short_openmp_spin()
     debug = False
     try:
         with main.make_context("airlab", sys.argv[1:]) as ctx:
