@@ -14,9 +14,12 @@ cache-loading) call is reported apart.
 
 With ``--pair FIXED MOVING --preset P`` (a preset name or a YAML pipeline), the whole
 registration of that pair in this process, with the loops and without (the grid_sample and
-scatter_add paths forced), alternating, ``--rounds`` times each after one warm-up run: wall and process time, at
-PyTorch's default threads, and the iterations of every level (the same both ways, or the
-comparison says so).
+scatter_add paths forced), alternating, ``--rounds`` times each after one warm-up run: wall and
+process time, at PyTorch's default threads, and the iterations of every level (the same both
+ways, or the comparison says so).
+
+Like the ``airlab`` command, the script sets ``GOMP_SPINCOUNT=10000`` (unless set) before torch
+loads.
 
 Squaring: one step of scaling and squaring (airlab.transforms.velocity.exponential), on the
 grids where a dense velocity lives at the finest level of a 2 mm and of a 1 mm brain (twice the
@@ -31,12 +34,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# as the airlab command sets it, before torch loads (docs/architecture.md, "Threads"): PyTorch's
+# idle OpenMP workers would otherwise spin on the cores the loops' threads need
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import torch  # noqa: E402
 
 from airlab import compiled
 from airlab.datasets import example_path
