@@ -250,6 +250,10 @@ def test_interpolation_steps_are_the_matrices(d, rng):
     pairs = [(coarse(odd), odd.subgrid(2, o)) for o in ([0] * d, [1] * d, [1, 0, 1][:d], [0, 1, 1][:d])]
     pairs += [(coarse(odd), odd), (coarse(odd), odd.subgrid(3, [1] * d)), (coarse(odd), coarse(odd))]
     pairs += [(coarse(even), even.subgrid(2, o)) for o in ([0] * d, [1] * d)]
+    source = coarse(odd)  # and a grid of its spacing a quarter of a voxel on: blends
+    quarter = source.direction_matrix @ (0.25 * np.asarray(source.spacing))
+    pairs += [(source, Grid(np.asarray(source.size) - 1, source.spacing, np.asarray(source.origin) + quarter,
+                            source.direction))]
     kinds = set()
     for source, target in pairs:
         x = torch.as_tensor(rng.normal(size=(2, 3, *source.shape)), dtype=torch.float32).requires_grad_()

@@ -190,6 +190,7 @@ def interpolation_steps(grid: Grid, target: Grid, outside: float | None = 0.0, d
         scale, shift, count = to_index[a, a], to_index[a, d], target.size[a]
         start = int(np.floor(shift + 1e-9))
         weight = shift - start if abs(shift - round(shift)) > 1e-9 else 0.0
+        weight = 0.5 if abs(weight - 0.5) < 1e-9 else weight  # half-way, up to the origins' rounding
         last = start + count - 1 + (weight > 0)
         if abs(scale - 1) < 1e-9 and shift > -1e-9 and last <= grid.size[a] - 1:
             steps.append((start, count, float(weight)))
