@@ -113,9 +113,10 @@ class Objective(nn.Module):
             return None
         grid, d = data.grid, data.grid.ndim
         dtype, device = points.dtype, points.device
-        after = torch.as_tensor(data.moving_grid.physical_to_index_matrix(), dtype=torch.float64, device=device)[None]
+        wide = torch.float64 if device.type != "mps" else dtype  # MPS has no float64
+        after = torch.as_tensor(data.moving_grid.physical_to_index_matrix(), dtype=wide, device=device)[None]
         if previous is not None:
-            after = after @ previous.homogeneous().detach().to(torch.float64)
+            after = after @ previous.homogeneous().detach().to(wide)
         x = self._components_first(points)  # [1, D, P]
         disp = None
         if isinstance(t, LinearTransform) and not self.regularisers:
