@@ -24,7 +24,8 @@ The kernels release the GIL, and the points are split over ``torch.get_num_threa
 so a caller that limits PyTorch's threads (a batch worker) limits these too. Compiled on first
 use and cached on disk (numba's ``cache=True``). Importing numba and loading that cache take
 about 0.6 s of CPU: :func:`warm_up`, which the engine calls as a 3D registration starts, does it
-in a background thread while the first stages run.
+in a background thread while the first stages run. Both hold the GIL, so this overlaps little
+with those stages' Python (docs/architecture.md, "Threads").
 
 Only 3D: PyTorch's 2D sampler is vectorised, and a 2D registration, a second or two in all,
 gains less from the loops than numba's start-up costs it (docs/architecture.md, "Compiled

@@ -272,7 +272,7 @@ class Registration:
                             normalise_intensities=self.normalise)
         device = pair.fixed.device
         if device.type == "cpu" and fixed.ndim == 3 and any(_may_run_compiled(stage) for stage in self.stages):
-            compiled.warm_up()  # numba's start-up, hidden behind the first stages
+            compiled.warm_up()  # numba's start-up, begun while the first stages run (it shares the GIL with them)
         landmarks = landmark_pairs(*landmarks, ndim=fixed.ndim, batch=pair.batch, device=device, dtype=dtype)
         done: list[Transform] = []  # stage transforms, fixed once their stage is over
         prior = None
