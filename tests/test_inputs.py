@@ -109,3 +109,44 @@ def test_no_overlap_is_refused(pair):
     with pytest.raises(RegistrationError, match="do not overlap"):
         Registration([Stage(lambda g, n: Translation(2, n), [(1.0, MSE())], levels=[Level(1, 0.0, 2)])],
                      progress=False, initialisation=None)(fixed, far)
+
+
+def _oblique_grid(shape):
+    """An anisotropic grid turned about two axes (3D) or one (2D), away from the origin."""
+    d = len(shape)
+    if d == 3:
+        a, b = 0.3, -0.5
+        rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+        rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+        direction = (rz @ rx).ravel().tolist()
+    else:
+        direction = [np.cos(0.4), -np.sin(0.4), np.sin(0.4), np.cos(0.4)]
+    return al.Grid(list(shape), [1.3, 0.7, 2.1][:d], [-40.0, 12.0, 7.5][:d], direction)
+
+
+@pytest.mark.parametrize("shape", [(13, 9, 7), (17, 11)])
+def test_centre_of_mass_and_radius_of_gyration_match_the_voxel_positions(shape):
+    """The moments come from sums along axes; the reference takes every voxel's position."""
+    from airlab.inputs import _center_of_mass, radius_of_gyration
+
+    grid = _oblique_grid(shape)
+    g = torch.Generator().manual_seed(len(shape))
+    data = torch.rand(2, 2, *reversed(shape), generator=g, dtype=torch.float64)
+    mask = (torch.rand(1, 1, *reversed(shape), generator=g) > 0.4).double()
+    points = grid.points(torch.float64)  # [1, *S, D]
+    for m in (None, mask):
+        w = data.mean(1) - data.mean(1).flatten(1).amin(1).view(-1, *([1] * len(shape)))
+        w = w if m is None else w * m[:, 0]
+        expected = (w.unsqueeze(-1) * points).flatten(1, -2).sum(1) / w.flatten(1).sum(1, keepdim=True)
+        torch.testing.assert_close(_center_of_mass(data, grid, m), expected, rtol=0, atol=1e-9)
+        kept = points.reshape(-1, len(shape)) if m is None else points.reshape(-1, len(shape))[m.reshape(-1) > 0]
+        radius = float((kept - kept.mean(0)).square().sum(-1).mean().sqrt())
+        assert radius_of_gyration(grid, m) == pytest.approx(radius, rel=1e-12)
+
+
+def test_centre_of_mass_of_a_flat_image_is_the_grid_centre():
+    from airlab.inputs import _center_of_mass
+
+    grid = _oblique_grid((6, 5, 4))
+    centre = _center_of_mass(torch.ones(1, 1, 4, 5, 6, dtype=torch.float64), grid, None)
+    np.testing.assert_allclose(centre[0].numpy(), grid.center(), atol=1e-9)

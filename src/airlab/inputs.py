@@ -123,15 +123,43 @@ def normalise(data: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.stack(out)
 
 
+def _index_moments(w: torch.Tensor, second: bool = False):
+    """Weighted moments of the voxel indices of ``w [*S]`` (float64, weights >= 0, not all zero):
+    ``(mean [D], E[i i^T] [D, D] or None)``, index components in ITK order. Sums of ``w`` along
+    axes, times ``arange``: no ``[*S, D]`` array of positions (at 1 mm the points of two images
+    and a mask took over a second)."""
+    d = w.dim()
+    axis = [d - 1 - a for a in range(d)]  # the tensor axis of index component a
+    total = w.sum()
+    ramp = [torch.arange(w.shape[axis[a]], dtype=w.dtype, device=w.device) for a in range(d)]
+
+    def along(*keep):  # w summed over every axis but ``keep`` (in increasing order)
+        others = [k for k in range(d) if k not in keep]
+        return w.sum(dim=others) if others else w  # sum(dim=[]) would sum everything
+
+    mean = torch.zeros(d, dtype=w.dtype, device=w.device)
+    moments = torch.zeros(d, d, dtype=w.dtype, device=w.device) if second else None
+    for a in range(d):
+        marginal = along(axis[a])
+        mean[a] = (marginal * ramp[a]).sum() / total
+        if second:
+            moments[a, a] = (marginal * ramp[a].square()).sum() / total
+            for b in range(a):  # axis[b] > axis[a]: the pair's marginal has axes (a's, b's)
+                value = (along(axis[a], axis[b]) * ramp[a][:, None] * ramp[b][None, :]).sum() / total
+                moments[a, b] = moments[b, a] = value
+    return mean, moments
+
+
 def _center_of_mass(data: torch.Tensor, grid: Grid, mask: torch.Tensor | None) -> torch.Tensor:
-    """Intensity-weighted centre ``[N, D]`` (mm), using intensities above the image minimum."""
-    w = data.mean(1, keepdim=True)
-    w = w - w.flatten(1).amin(1).view(-1, 1, *([1] * grid.ndim))
+    """Intensity-weighted centre ``[N, D]`` (mm), using intensities above the image minimum (the
+    grid's centre where no voxel is above it)."""
+    w = data.mean(1)
+    w = w - w.flatten(1).amin(1).view(-1, *([1] * grid.ndim))
     if mask is not None:
-        w = w * mask
-    pts = grid.points(dtype=w.dtype, device=w.device)  # [1, *shape, D]
-    w = w[:, 0].unsqueeze(-1)
-    return (w * pts).flatten(1, -2).sum(1) / w.flatten(1).sum(1, keepdim=True).clamp_min(1e-12)
+        w = w * mask[:, 0]
+    centre = torch.as_tensor((np.asarray(grid.size, dtype=float) - 1) / 2, dtype=w.dtype, device=w.device)
+    index = torch.stack([_index_moments(wn)[0] if bool(wn.sum() > 0) else centre for wn in w])
+    return grid.index_to_physical(index)
 
 
 def initial_translation(fixed: Image, moving: Image, method: str = "moments", fixed_mask=None, moving_mask=None):
@@ -149,12 +177,19 @@ def initial_translation(fixed: Image, moving: Image, method: str = "moments", fi
 
 
 def radius_of_gyration(grid: Grid, mask: torch.Tensor | None) -> float:
-    """Radius of gyration of the fixed domain (mm): how far a unit rotation moves points."""
-    pts = grid.points(torch.float64).reshape(-1, grid.ndim)
-    if mask is not None:
-        pts = pts[mask[0, 0].reshape(-1).cpu() > 0]
-    c = pts.mean(0)
-    return float((pts - c).square().sum(-1).mean().sqrt().clamp_min(1.0))
+    """Radius of gyration of the fixed domain (mm): how far a unit rotation moves points. From
+    the index moments: the mean squared distance to the centre is the trace of the covariance
+    carried through the index -> physical matrix."""
+    inside = None if mask is None else (mask[0, 0] > 0).to(torch.float64)
+    if inside is None or not bool(inside.any()):
+        n = torch.as_tensor(grid.size, dtype=torch.float64)
+        covariance = torch.diag((n.square() - 1) / 12)  # of 0, 1, ..., n - 1
+    else:
+        mean, moments = _index_moments(inside, second=True)
+        covariance = moments - torch.outer(mean, mean)
+    a = torch.as_tensor(grid.index_to_physical_matrix()[: grid.ndim, : grid.ndim], dtype=torch.float64,
+                        device=covariance.device)
+    return float(torch.trace(a @ covariance @ a.T).clamp_min(0).sqrt().clamp_min(1.0))
 
 
 @dataclass
