@@ -26,6 +26,7 @@ from airlab.regularisers import (
     total_variation,
     total_variation_l1,
 )
+from airlab.filters import physical_gradient
 
 from conftest import oblique_grid, smooth_field
 
@@ -63,6 +64,53 @@ def test_index_gradient_is_torch_gradient_of_second_order(shape):
             torch.testing.assert_close(index_gradient(x, dim, spacing), expected, rtol=0, atol=1e-12)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v: index_gradient(v, x.dim() - 1, 0.7), (x,))
+
+
+@pytest.mark.parametrize("edge_order", [1, 2])
+@pytest.mark.parametrize("n", [2, 3, 4, 9])
+def test_differences_and_their_written_adjoint_against_autograd_of_the_padded_form(edge_order, n):
+    """index_gradient's backward is the difference operator's adjoint, written out: gradcheck,
+    and the same numbers as autograd through the padded form it replaced, down to the shortest
+    axes (where the end taps overlap)."""
+    if n <= edge_order:
+        with pytest.raises(ValueError, match="need"):
+            index_gradient(torch.zeros(1, 1, n), 2, edge_order=edge_order)
+        return
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 3, n, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(2, 3, n, 5, dtype=torch.float64, generator=gen)
+
+    def padded(v, dim=2, spacing=0.7):
+        m = v.shape[dim]
+        x0, x1, y0, y1 = v.narrow(dim, 0, 1), v.narrow(dim, 1, 1), v.narrow(dim, m - 1, 1), v.narrow(dim, m - 2, 1)
+        if edge_order == 1:
+            before, after = 2 * x0 - x1, 2 * y0 - y1
+        else:
+            before, after = 3 * (x0 - x1) + v.narrow(dim, 2, 1), 3 * (y0 - y1) + v.narrow(dim, m - 3, 1)
+        p = torch.cat((before, v, after), dim)
+        return (p.narrow(dim, 2, m) - p.narrow(dim, 0, m)) * (0.5 / spacing)
+
+    ours = index_gradient(x, 2, 0.7, edge_order)
+    assert torch.equal(ours, padded(x))
+    (mine,) = torch.autograd.grad(ours, x, g)
+    (theirs,) = torch.autograd.grad(padded(x), x, g)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda v: index_gradient(v, 2, 0.7, edge_order), (x,))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_physical_gradient_stacks_the_axes_with_their_gradients(rotate, rng):
+    grid = _grid(3, rng)
+    u = torch.randn(1, 3, *grid.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3),
+                    requires_grad=True)
+    got = physical_gradient(u, grid, rotate)
+    spacing = grid.spacing if not rotate else (1.0, 1.0, 1.0)
+    by_axis = torch.stack([index_gradient(u, 4 - a, float(spacing[a])) for a in range(3)], dim=2)
+    if rotate:
+        m_inv = torch.as_tensor(grid.physical_to_index_matrix()[:3, :3], dtype=u.dtype)
+        by_axis = torch.einsum("nca...,aj->ncj...", by_axis, m_inv)
+    assert torch.equal(got, by_axis)
+    assert torch.autograd.gradcheck(lambda v: physical_gradient(v, grid, rotate)[..., 1:3, :2, :], (u,))
 
 
 @pytest.mark.parametrize("d", [2, 3])

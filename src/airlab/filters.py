@@ -153,28 +153,100 @@ def smooth_mm(data: torch.Tensor, grid: Grid, sigma_mm: float, truncate: float =
     return gaussian_smooth(data, [sigma_mm / s for s in grid.spacing], truncate)
 
 
+def _differences_into(x: torch.Tensor, dim: int, scale: float, edge_order: int, out: torch.Tensor) -> None:
+    """:func:`index_gradient` of ``x`` along ``dim`` written into ``out`` (a view of x's shape):
+    central differences inside, and at each end the difference with the extrapolated sample,
+    computed as the padded form computes it, so the numbers are the same to the bit."""
+    n = x.shape[dim]
+    torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    x0, x1 = x.narrow(dim, 0, 1), x.narrow(dim, 1, 1)
+    y0, y1 = x.narrow(dim, n - 1, 1), x.narrow(dim, n - 2, 1)
+    if edge_order == 1:
+        before, after = 2 * x0 - x1, 2 * y0 - y1
+    else:
+        before = 3 * (x0 - x1) + x.narrow(dim, 2, 1)
+        after = 3 * (y0 - y1) + x.narrow(dim, n - 3, 1)
+    torch.sub(x1, before, out=out.narrow(dim, 0, 1))
+    torch.sub(after, y1, out=out.narrow(dim, n - 1, 1))
+    out.mul_(scale)
+
+
+def _differences_adjoint_into(g: torch.Tensor, dim: int, scale: float, edge_order: int, out: torch.Tensor,
+                              accumulate: bool) -> None:
+    """The adjoint of :func:`_differences_into` applied to ``g``, written (or added) into ``out``."""
+    n = g.shape[dim]
+    part = torch.empty_like(out) if accumulate else out
+    # the padded form's central differences, read back: z[k] = g[k - 2] - g[k] on the n + 2
+    # padded samples, of which the inner n are the field's own
+    torch.sub(g.narrow(dim, 0, n - 2), g.narrow(dim, 2, n - 2), out=part.narrow(dim, 1, n - 2))
+    torch.neg(g.narrow(dim, 1, 1), out=part.narrow(dim, 0, 1))
+    part.narrow(dim, n - 1, 1).copy_(g.narrow(dim, n - 2, 1))
+    first, last = -g.narrow(dim, 0, 1), g.narrow(dim, n - 1, 1)  # the two extrapolated samples'
+    taps = (2.0, -1.0) if edge_order == 1 else (3.0, -3.0, 1.0)
+    for k, w in enumerate(taps):
+        part.narrow(dim, k, 1).add_(first, alpha=w)
+        part.narrow(dim, n - 1 - k, 1).add_(last, alpha=w)
+    if accumulate:
+        out.add_(part, alpha=scale)
+    else:
+        out.mul_(scale)
+
+
+class _Differences(torch.autograd.Function):
+    """Finite differences of ``field`` along several ``dims``, stacked at ``axis`` (or, with
+    ``axis`` None, along one dim in field's shape). Written into one output, with the adjoint
+    written out for the backward pass: autograd through the padding, the concatenation and the
+    slices of the padded form made about three times the passes over the field and allocated
+    zero-filled buffers (a third of a 1 mm registration's regulariser time)."""
+
+    @staticmethod
+    def forward(ctx, field, dims, scales, edge_order, axis):
+        ctx.dims, ctx.scales, ctx.edge_order, ctx.axis = dims, scales, edge_order, axis
+        ctx.shape = field.shape
+        if axis is None:
+            out = torch.empty(field.shape, dtype=field.dtype, device=field.device)
+            _differences_into(field, dims[0], scales[0], edge_order, out)
+            return out
+        shape = list(field.shape)
+        shape.insert(axis, len(dims))
+        out = torch.empty(shape, dtype=field.dtype, device=field.device)
+        for k, (dim, scale) in enumerate(zip(dims, scales)):
+            _differences_into(field, dim, scale, edge_order, out.select(axis, k))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device)
+        if ctx.axis is None:
+            _differences_adjoint_into(grad, ctx.dims[0], ctx.scales[0], ctx.edge_order, out, False)
+        else:
+            for k, (dim, scale) in enumerate(zip(ctx.dims, ctx.scales)):
+                _differences_adjoint_into(grad.select(ctx.axis, k), dim, scale, ctx.edge_order, out, k > 0)
+        return out, None, None, None, None
+
+
+def _check_differences(field: torch.Tensor, dim: int, edge_order: int) -> None:
+    if edge_order not in (1, 2):
+        raise ValueError(f"edge_order must be 1 or 2, got {edge_order}")
+    if field.shape[dim] < edge_order + 1:
+        raise ValueError(f"differences of order {edge_order} need {edge_order + 1} samples along the axis, "
+                         f"got {field.shape[dim]}")
+
+
 def index_gradient(field: torch.Tensor, dim: int, spacing: float = 1.0, edge_order: int = 2) -> torch.Tensor:
     """``torch.gradient(field, spacing=spacing, dim=dim, edge_order=edge_order)[0]`` in a few
     operations.
 
     Extending the field by one extrapolated sample at each end (linear, ``x[-1] = 2 x[0] - x[1]``,
     or quadratic, ``x[-1] = 3 x[0] - 3 x[1] + x[2]``) turns the one-sided border differences into
-    central ones, so one subtraction covers every voxel. ``torch.gradient`` builds the borders and
-    the inside separately: about ten times the operations, forward and backward, which dominates
-    a regulariser on the coarse grids where it is evaluated.
+    central ones. ``torch.gradient`` builds the borders and the inside separately: about ten
+    times the operations, forward and backward, which dominates a regulariser on the coarse
+    grids where it is evaluated. The backward pass is the operator's adjoint, written out
+    (:class:`_Differences`).
     """
-    n = field.shape[dim]
-    x0, x1 = field.narrow(dim, 0, 1), field.narrow(dim, 1, 1)
-    y0, y1 = field.narrow(dim, n - 1, 1), field.narrow(dim, n - 2, 1)
-    if edge_order == 1:
-        before, after = 2 * x0 - x1, 2 * y0 - y1
-    elif edge_order == 2:
-        before = 3 * (x0 - x1) + field.narrow(dim, 2, 1)
-        after = 3 * (y0 - y1) + field.narrow(dim, n - 3, 1)
-    else:
-        raise ValueError(f"edge_order must be 1 or 2, got {edge_order}")
-    padded = torch.cat((before, field, after), dim)
-    return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * (0.5 / spacing)
+    dim = dim % field.dim()
+    _check_differences(field, dim, edge_order)
+    return _Differences.apply(field, (dim,), (0.5 / spacing,), edge_order, None)
 
 
 def physical_gradient(field: torch.Tensor, grid: Grid, rotate: bool = True, edge_order: int = 2) -> torch.Tensor:
@@ -187,10 +259,12 @@ def physical_gradient(field: torch.Tensor, grid: Grid, rotate: bool = True, edge
     """
     d = grid.ndim
     # tensor axis d + 1 - a is ITK index axis a
+    dims = tuple(d + 1 - a for a in range(d))
+    for dim in dims:
+        _check_differences(field, dim, edge_order)
     if not rotate:
-        return torch.stack([index_gradient(field, d + 1 - a, float(grid.spacing[a]), edge_order) for a in range(d)],
-                           dim=2)
-    by_index = torch.stack([index_gradient(field, d + 1 - a, edge_order=edge_order) for a in range(d)], dim=2)
+        return _Differences.apply(field, dims, tuple(0.5 / float(grid.spacing[a]) for a in range(d)), edge_order, 2)
+    by_index = _Differences.apply(field, dims, (0.5,) * d, edge_order, 2)
     m_inv = torch.as_tensor(grid.physical_to_index_matrix()[:d, :d], dtype=field.dtype, device=field.device)
     return torch.einsum("nca...,aj->ncj...", by_index, m_inv)
 
