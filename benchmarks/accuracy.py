@@ -91,10 +91,13 @@ def main():
     seeds = [1] if args.quick else [1, 2, 3]
     cases = [
         ("MNI 2 mm", "diffeomorphic", fixed, labels, None, False),
+        ("MNI 2 mm", "smooth", fixed, labels, None, False),
         ("MNI 2 mm", "bspline", fixed, labels, None, False),
         ("MNI 2 mm, grey/white inverted", "bspline", fixed, labels, "mi", True),
         ("MNI 2 mm, grey/white inverted", "diffeomorphic", fixed, labels, "mi", True),
+        ("MNI 2 mm, grey/white inverted", "smooth", fixed, labels, "mi", True),
         ("axial slice 1 mm", "diffeomorphic", axial, None, None, False),
+        ("axial slice 1 mm", "smooth", axial, None, None, False),
         ("axial slice 1 mm", "bspline", axial, None, None, False),
     ]
     if args.only_configs:

@@ -583,7 +583,7 @@ def tool_command(tool: str, case: RealCase, out: Path, device: str) -> list[str]
         return airlab_command(case, out, ["--device", device])
     if tool.startswith("airlab-"):  # airlab-affine, airlab-bspline: a preset; airlab-lncc, ...: a metric
         what = tool.split("-", 1)[1]
-        flag = "--preset" if what in ("rigid", "affine", "bspline", "diffeomorphic", "intersubject") else "--metric"
+        flag = "--preset" if what in ("rigid", "affine", "bspline", "diffeomorphic", "intersubject", "smooth") else "--metric"
         return airlab_command(case, out, [flag, what, "--device", device])
     if tool in ("ants", "elastix", "fireants"):
         return [sys.executable, str(HERE / "tools" / f"run_{tool}.py"), str(case.fixed), str(case.moving), str(out),

@@ -10,7 +10,8 @@ template in the middle of the group sees the MNI anatomy through ``G = (id + mea
 (the transforms from such a template to the images average to the identity); the true mean
 shape image is ``MNI o G``.
 
-A template's position error: every image registered to it (``diffeomorphic`` preset) gives
+A template's position error: every image registered to it (``airlab template``'s default ``smooth`` preset, called
+``diffeomorphic`` before 2026-12-07) gives
 ``T_i`` (template point -> image point), so ``D_i o T_i`` says where the template's points are
 in the MNI anatomy; the endpoint error is ``|mean_i D_i(T_i(x)) - G(x)|`` (mm) over the brain
 (grey and white matter labels carried through ``G``). For the final template the ``T_i`` are
@@ -138,7 +139,7 @@ def main():
                      rows[-1][1], *image_row(sharpen(final, amount))))
     truth_sharp = sharpness(true_mean, brain)
     print(f"airlab {al.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.images} images, {args.iterations} iterations, diffeomorphic preset\n")
+          f"{args.images} images, {args.iterations} iterations, smooth preset\n")
     print("| template | mean EPE from true mean mm | p95 EPE mm | intensity RMSE vs true mean | sharpness | "
           "sharpness / original MNI |")
     print("|---|---|---|---|---|---|")
@@ -147,7 +148,7 @@ def main():
     print(f"| true mean shape (MNI o G) | 0 | 0 | 0 | {truth_sharp:.2f} | {truth_sharp / reference:.3f} |")
     print(f"| original MNI template | | | | {reference:.2f} | 1.000 |")
     registrations = args.images * (args.iterations + 2)
-    print(f"\n{registrations} registrations ({args.images} affine, the rest diffeomorphic): "
+    print(f"\n{registrations} registrations ({args.images} affine, the rest smooth): "
           f"{cpu:.0f} s process CPU time, {wall:.0f} s wall; peak resident memory "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
     sys.stdout.flush()

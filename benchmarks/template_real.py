@@ -10,7 +10,7 @@ Tissue labels (1 CSF, 2 GM, 3 WM): ``ants.kmeans_segmentation`` on each original
 case's labels).
 
 Both tools get the same images in the same order (MNI first). airlab: ``airlab.template.build``
-(default ``diffeomorphic`` preset, ``--iterations``); its per-image registrations to the final
+(default ``smooth`` preset, called ``diffeomorphic`` before 2026-12-07; ``--iterations``); its per-image registrations to the final
 template are in ``images/``. ANTs: ``ants.build_template`` (its defaults: SyN, 3 iterations,
 gradient step 0.2, starting from the plain average), then each image registered to the final
 template with ``ants.registration(type_of_transform="SyN")`` (the step a user takes to get the

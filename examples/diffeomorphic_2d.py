@@ -1,5 +1,5 @@
 """AirLab's diffeomorphic_bspline_2d: a B-spline velocity field exponentiated by scaling and
-squaring (the ``diffeomorphic`` preset), so the result cannot fold; prints the error and the
+squaring (the ``smooth`` preset, which was ``diffeomorphic`` until 2026-12-07), so the result cannot fold; prints the error and the
 number of folded pixels.
 
     python examples/diffeomorphic_2d.py [--fast]
@@ -20,7 +20,7 @@ def main():
     args = arguments(__doc__)
     fixed = slice_2d()
     moving, truth = moved(fixed, random_deformation(fixed.grid, seed=1, max_displacement=10.0, dtype=torch.float64))
-    pipeline = preset_pipeline("diffeomorphic")
+    pipeline = preset_pipeline("smooth")
     start = time.perf_counter()
     out = register_pair(fixed, moving, quick(pipeline) if args.fast else pipeline)
     found = out.displacement.field[0]

@@ -32,12 +32,26 @@ def test_a_preset_equals_the_yaml_that_names_it_and_its_written_out_form(tmp_pat
 
 def test_built_stages_pickle_without_closures():
     grid = al.read_image(FIXED).grid
-    stages = preset("diffeomorphic", grid)
+    stages = preset("smooth", grid)
     again = pickle.loads(pickle.dumps(stages))
     assert [s.transform for s in again] == [s.transform for s in stages]
     assert all(s.on_level is None for s in stages)
     t = again[-1].transform(grid, 1)
     assert type(t).__name__ == "BSplineVelocityField" and t.refine_levels and t.exp_shrink == 4
+
+
+def test_the_default_deforms_with_a_dense_velocity_and_smooth_with_a_bspline_velocity():
+    """Since 2026-12-07 the default "diffeomorphic" preset is a dense velocity (the most accurate
+    on real anatomy); the B-spline velocity it held before is the "smooth" preset, unchanged."""
+    grid = al.Grid([99, 117, 95], [2.0, 2.0, 2.0])
+    *linear, dense = preset("diffeomorphic", grid)
+    assert [s.name for s in linear] == ["rigid", "affine"]
+    velocity = dense.transform(grid, 1)
+    assert type(velocity).__name__ == "DenseVelocityField"
+    assert [(lv.shrink, lv.iterations, lv.stride) for lv in dense.levels] == [(4, 50, 1), (2, 40, 2), (1, 100, 2)]
+    assert [type(r).__name__ for _, r in dense.regularisers] == ["Diffusion", "JacobianFolding"]
+    *_, smooth = preset("smooth", grid)
+    assert type(smooth.transform(grid, 1)).__name__ == "BSplineVelocityField"
 
 
 def test_the_metric_replaces_the_deformable_similarity_and_mi_the_linear_ones():
@@ -50,7 +64,7 @@ def test_the_metric_replaces_the_deformable_similarity_and_mi_the_linear_ones():
 
 def test_stage_levels_follow_the_pyramid_rules():
     grid = al.Grid([99, 117, 95], [2.0, 2.0, 2.0])
-    rigid, affine, deformable = preset("diffeomorphic", grid)
+    rigid, affine, deformable = preset("smooth", grid)
     assert [(lv.shrink, lv.iterations, lv.stride) for lv in rigid.levels] == [(4, 100, 1)]
     assert [(lv.shrink, lv.iterations, lv.stride) for lv in affine.levels] == [(4, 100, 1), (2, 60, 2)]
     assert [(lv.shrink, lv.iterations, lv.stride) for lv in deformable.levels] == [(4, 100, 1), (2, 60, 2),

@@ -163,7 +163,7 @@ def test_cubic_sampling_removes_the_linear_interpolation_bias():
 
     fixed = al.read_image(example_path("mni152_t1_1mm_axial")).to(torch.float32)
     slice_case = Case(fixed, None, seed=3)
-    config = PipelineConfig(preset="diffeomorphic").resolve()
+    config = PipelineConfig(preset="smooth").resolve()
     errors = {}
     for interpolation in ("linear", "bspline"):
         stages = [s.model_copy(update={"interpolation": interpolation}) if s.transform == "velocity" else s
@@ -260,7 +260,7 @@ def test_masks_restrict_the_objective(pair):
 
 def test_symmetric_velocity_stage(pair):
     fixed, moving, truth = pair
-    stages = preset("diffeomorphic", fixed.grid)
+    stages = preset("smooth", fixed.grid)
     stages[-1].symmetric = True
     result = quick(stages)(fixed, moving)
     affine = quick(preset("affine", fixed.grid))(fixed, moving)

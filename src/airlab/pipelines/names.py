@@ -10,7 +10,7 @@ registry at run time (a user's own loss) is not here, and the schema asks the re
 
 __all__ = ["PRESETS", "METRICS", "TRANSFORM_NAMES", "LINEAR_TRANSFORMS", "LOSS_OPTIONS", "REGULARISER_OPTIONS", "LATTICE_REGULARISERS"]
 
-PRESETS = ("rigid", "affine", "bspline", "diffeomorphic", "intersubject")
+PRESETS = ("rigid", "affine", "bspline", "diffeomorphic", "intersubject", "smooth")
 METRICS = ("mse", "ncc", "lncc", "mi", "nmi", "ngf", "ssim")
 
 TRANSFORM_NAMES = ("translation", "rigid", "similarity", "affine", "bspline", "velocity", "dense-velocity", "wendland")

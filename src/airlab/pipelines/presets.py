@@ -1,5 +1,7 @@
 """Ready-made pipelines that work without tuning: ``rigid``, ``affine``, ``bspline``,
-``diffeomorphic``, shipped as YAML beside this module (the same schema as ``--config``).
+``diffeomorphic`` (the default: a dense velocity), ``smooth`` (a B-spline velocity) and
+``intersubject`` (a coarser dense velocity), shipped as YAML beside this module (the same schema
+as ``--config``).
 
 Pyramids are sized from the fixed image (the coarsest level has about 25-50 voxels along its
 longest axis; smoothing sigma is half the level spacing), so the same preset serves a 2D

@@ -3,7 +3,7 @@ presets shipped as YAML beside this module, and of the ``pipeline`` that metrics
 
 A config either picks a preset and adjusts it, or writes the stages out::
 
-    preset: diffeomorphic        # optional: rigid, affine, bspline, diffeomorphic
+    preset: diffeomorphic        # optional: rigid, affine, bspline, diffeomorphic, smooth, intersubject
     metric: mi                   # the deformable stage's similarity (presets only)
     seed: 0
     stages:                      # optional: replaces the preset's stages
