@@ -93,6 +93,25 @@ def test_kth_smallest_is_torch_kthvalue(rng):
         assert torch.isnan(_kth_smallest(values, 1001)[1])
 
 
+def test_a_long_row_is_bracketed_from_a_sample_and_picks_the_same_entry(rng):
+    """Rows long enough to be bracketed from a strided sample first: the same entry as
+    torch.kthvalue, with ties, NaN, ranks at the ends, and a row whose sample misleads the
+    bracket (every sampled entry 0, the rest 1), where the whole row is partitioned instead."""
+    from airlab.optim import _BRACKET_MIN, _SAMPLE_STRIDE, _kth_smallest
+
+    m = _BRACKET_MIN + 1001
+    for dtype in (torch.float32, torch.float64):
+        values = torch.as_tensor(rng.normal(size=(2, m)), dtype=dtype).round(decimals=2)  # ties
+        values[1, :40] = float("nan")
+        for rank in (1, 2, m // 2, int(0.95 * m), m - 40, m - 39, m):
+            torch.testing.assert_close(_kth_smallest(values, rank), torch.kthvalue(values, rank, dim=1).values,
+                                       rtol=0, atol=0, equal_nan=True)
+    misleading = torch.ones(1, m)
+    misleading[0, ::_SAMPLE_STRIDE] = 0.0
+    for rank in (1, m // _SAMPLE_STRIDE, m // _SAMPLE_STRIDE + 2, int(0.95 * m)):
+        assert _kth_smallest(misleading, rank) == torch.kthvalue(misleading, rank, dim=1).values
+
+
 def test_adam_is_torch_adam(rng):
     """airlab.optim.Adam (which spares a command-line run torch._dynamo's import) takes the
     same steps as torch.optim.Adam, with param groups, a changed lr and a closure."""

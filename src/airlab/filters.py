@@ -196,8 +196,9 @@ class _Differences(torch.autograd.Function):
     """Finite differences of ``field`` along several ``dims``, stacked at ``axis`` (or, with
     ``axis`` None, along one dim in field's shape). Written into one output, with the adjoint
     written out for the backward pass: autograd through the padding, the concatenation and the
-    slices of the padded form made about three times the passes over the field and allocated
-    zero-filled buffers (a third of a 1 mm registration's regulariser time)."""
+    slices of the padded form made about three times the passes over the field and filled a
+    zero buffer per slice (docs/architecture.md, "Regularisers: differences with a written
+    adjoint")."""
 
     @staticmethod
     def forward(ctx, field, dims, scales, edge_order, axis):

@@ -83,14 +83,46 @@ class _Optimizer:
         return loss
 
 
+# Rows at least this long are bracketed from a sample first (_bracketed_kth)
+_BRACKET_MIN = 1 << 16
+_SAMPLE_STRIDE = 16
+
+
 def _kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     """``torch.kthvalue(values, rank, dim=1).values`` for ``values [N, M]``. On the CPU numpy's
     introselect finds the same entry in about two thirds of the time (a finest level's 400 000
-    entries: 2.2 against 3.0 ms, one thread)."""
+    entries: 2.2 against 3.0 ms, one thread), and a long row is first bracketed from a sample
+    (:func:`_bracketed_kth`)."""
     if values.device.type != "cpu" or values.requires_grad or values.dtype not in (torch.float32, torch.float64):
         return torch.kthvalue(values, rank, dim=1).values
-    chosen = np.partition(values.numpy(), rank - 1, axis=1)[:, rank - 1]
+    rows = values.detach().numpy()
+    if rows.shape[1] >= _BRACKET_MIN:
+        chosen = np.array([_bracketed_kth(row, rank) for row in rows], dtype=rows.dtype)
+    else:
+        chosen = np.partition(rows, rank - 1, axis=1)[:, rank - 1]
     return torch.from_numpy(np.ascontiguousarray(chosen))
+
+
+def _bracketed_kth(row: np.ndarray, rank: int):
+    """The ``rank``-th smallest entry of ``row`` (1-based; NaN last), exactly: two entries of a
+    strided sample bracket it (its sample rank, give or take four binomial standard
+    deviations), one pass counts the entries below the bracket and keeps those inside, and the
+    selection runs on those few. Where the bracket misses (it cannot miss by more than chance
+    and NaN allow), the whole row is partitioned. A 1 mm level's 3.3 million entries took about
+    a fifth of the time of partitioning them all."""
+    sample = row[::_SAMPLE_STRIDE]
+    m, s = row.shape[0], sample.shape[0]
+    p = (rank - 0.5) / m
+    centre, margin = p * s, 4.0 * math.sqrt(s * p * (1 - p)) + 2.0
+    lo_rank = min(max(int(centre - margin), 0), s - 1)
+    hi_rank = min(max(int(math.ceil(centre + margin)), 0), s - 1)
+    ends = np.partition(sample, (lo_rank, hi_rank))
+    lo, hi = ends[lo_rank], ends[hi_rank]
+    below = int(np.count_nonzero(row < lo))
+    inside = row[(row >= lo) & (row <= hi)]
+    if below < rank <= below + inside.shape[0]:
+        return np.partition(inside, rank - below - 1)[rank - below - 1]
+    return np.partition(row, rank - 1)[rank - 1]
 
 
 class Adam(_Optimizer):

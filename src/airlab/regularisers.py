@@ -149,8 +149,9 @@ def _voxel_mean(density: torch.Tensor) -> torch.Tensor:
 
 class _MeanSquare(torch.autograd.Function):
     """``x [N, K, *shape] -> [N]``: the mean over voxels of ``sum_k x_k^2``, as ``pow``, ``sum`` and
-    ``mean`` compute it, with the backward pass ``2 x g / voxels`` in one pass over ``x`` (through
-    ``pow``'s backward it was three, with a copy of ``x``: a tenth of a 1 mm iteration)."""
+    ``mean`` compute it, with the backward pass ``2 x g / voxels`` in one pass over ``x``
+    (``pow``'s backward makes three, with a copy of ``x``: a tenth of a 1 mm finest iteration's
+    profile)."""
 
     @staticmethod
     def forward(ctx, x):
