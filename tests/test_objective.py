@@ -155,3 +155,20 @@ def test_moving_index_leaves_symmetric_stages_and_nonlinear_chains_to_the_points
     points = level.grid.points(dtype=torch.float32)
     assert Objective(Stage(None, losses=[(1.0, MSE())], symmetric=True)).moving_index(t, None, level, points) is None
     assert Objective(Stage(None, losses=[(1.0, MSE())])).moving_index(t, velocity(level.grid), level, points) is None
+
+
+def test_the_linear_stages_before_are_read_again_when_they_change(level):
+    """moving_index keeps the matrix of the stages before while they stay as they are; a change
+    of their parameters in place (a new version) is seen at the next evaluation."""
+    stage = Stage(None, losses=[(1.0, MSE())], regularisers=[(0.1, Diffusion())])
+    objective = Objective(stage)
+    t = velocity(level.grid)
+    points = level.grid.points(dtype=torch.float32)
+    before = Affine(2, center=level.grid.center())
+    first = objective(t, before, level, points).total.detach()
+    assert torch.equal(objective(t, before, level, points).total.detach(), first)
+    with torch.no_grad():
+        next(before.parameters()).add_(0.05)
+    changed = objective(t, before, level, points).total.detach()
+    fresh = Objective(stage)(t, before, level, points).total.detach()
+    assert torch.equal(changed, fresh) and not torch.equal(changed, first)

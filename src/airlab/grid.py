@@ -175,14 +175,11 @@ class Grid:
                 f"points have {points.shape[-1]} components, the grid is {matrix.shape[0] - 1}D"
             )
         dtype = points.dtype if points.is_floating_point() else torch.get_default_dtype()
-        d = matrix.shape[0] - 1
-        shift = torch.as_tensor(matrix[:d, d], dtype=dtype, device=points.device)
-        linear = matrix[:d, :d]
-        if is_diagonal(linear):
+        diagonal, shift, linear = _affine_tensors(matrix, dtype, points.device)
+        if diagonal:
             # axis-aligned (every index <-> normalised map, most images): 5x faster than a matmul
-            scale = torch.as_tensor(np.diag(linear).copy(), dtype=dtype, device=points.device)
-            return torch.addcmul(shift, points.to(dtype), scale)
-        return points.to(dtype) @ torch.as_tensor(linear.T, dtype=dtype, device=points.device) + shift
+            return torch.addcmul(shift, points.to(dtype), linear)
+        return points.to(dtype) @ linear + shift
 
     def index_to_physical(self, index: torch.Tensor) -> torch.Tensor:
         return self._apply(self.index_to_physical_matrix(), index)
@@ -246,6 +243,27 @@ class Grid:
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
+
+
+_AFFINE_TENSORS: dict = {}
+
+
+def _affine_tensors(matrix: np.ndarray, dtype: torch.dtype, device) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """``(diagonal, shift, scale or linear^T)`` of a homogeneous ``matrix`` as tensors, kept per
+    matrix, dtype and device: an engine iteration maps points with the same few matrices many
+    times, and making the two small tensors each time was four operations a call."""
+    key = (matrix.tobytes(), matrix.shape, dtype, str(device))
+    kept = _AFFINE_TENSORS.get(key)
+    if kept is None:
+        d = matrix.shape[0] - 1
+        linear = matrix[:d, :d]
+        diagonal = is_diagonal(linear)
+        shift = torch.as_tensor(matrix[:d, d].copy(), dtype=dtype, device=device)
+        weights = np.diag(linear).copy() if diagonal else linear.T.copy()
+        if len(_AFFINE_TENSORS) >= 256:
+            _AFFINE_TENSORS.clear()
+        kept = _AFFINE_TENSORS[key] = (diagonal, shift, torch.as_tensor(weights, dtype=dtype, device=device))
+    return kept
 
 
 def is_diagonal(matrix: np.ndarray, atol: float = 0.0) -> bool:

@@ -76,6 +76,7 @@ class Objective(nn.Module):
         # the field regularisers see the displacement; a ParameterRegulariser the coefficient lattice
         self.needs_field = any(not isinstance(r, ParameterRegulariser) for r in self.regularisers)
         self._points: dict = {}  # see _components_first
+        self._before: dict = {}  # see _index_map
 
     def mapped_points(self, t: Transform, previous: Transform | None, data: LevelData, points: torch.Tensor):
         """``(y, fixed, displacement)``: where the level's fixed points land in the moving image,
@@ -112,11 +113,8 @@ class Objective(nn.Module):
         if self.symmetric or not (previous is None or isinstance(previous, LinearTransform)):
             return None
         grid, d = data.grid, data.grid.ndim
-        dtype, device = points.dtype, points.device
-        wide = torch.float64 if device.type != "mps" else dtype  # MPS has no float64
-        after = torch.as_tensor(data.moving_grid.physical_to_index_matrix(), dtype=wide, device=device)[None]
-        if previous is not None:
-            after = after @ previous.homogeneous().detach().to(wide)
+        dtype = points.dtype
+        after = self._index_map(previous, data, points.device)
         x = self._components_first(points)  # [1, D, P]
         disp = None
         if isinstance(t, LinearTransform) and not self.regularisers:
@@ -129,6 +127,26 @@ class Objective(nn.Module):
         matrix = matrix.expand(n, d + 1, d + 1)
         index = torch.baddbmm(matrix[:, :d, d:], matrix[:, :d, :d], x.expand(n, d, x.shape[2]))
         return index.transpose(1, 2), data.fixed, disp
+
+    def _index_map(self, previous: Transform | None, data: LevelData, device) -> torch.Tensor:
+        """The moving grid's physical -> index matrix times the linear stages before, ``[N or 1,
+        D + 1, D + 1]`` in float64 (not on MPS), kept while neither changes: the stages before
+        are fixed while this one optimises, and building their matrix from its parameters was
+        about forty small operations per iteration (a sixteenth of a 2D one's)."""
+        wide = torch.float64 if torch.device(device).type != "mps" else torch.float32  # MPS has no float64
+        versions = () if previous is None else tuple((id(p), p._version) for p in (*previous.parameters(),
+                                                                                   *previous.buffers()))
+        key = (id(previous), versions, data.moving_grid, wide, str(device))
+        kept = self._before.get(key)
+        if kept is None or kept[0] is not previous:
+            after = torch.as_tensor(data.moving_grid.physical_to_index_matrix(), dtype=wide, device=device)[None]
+            if previous is not None:
+                after = after @ previous.homogeneous().detach().to(wide)
+            if len(self._before) >= 16:
+                self._before.clear()
+            # holds ``previous`` too, so that its id is not reused while kept
+            kept = self._before[key] = (previous, after)
+        return kept[1]
 
     def _components_first(self, points: torch.Tensor) -> torch.Tensor:
         """``points [1, *shape, D]`` as ``[1, D, P]``, kept for the level's few point sets (one per
