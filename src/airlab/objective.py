@@ -132,21 +132,22 @@ class Objective(nn.Module):
         """The moving grid's physical -> index matrix times the linear stages before, ``[N or 1,
         D + 1, D + 1]`` in float64 (not on MPS), kept while neither changes: the stages before
         are fixed while this one optimises, and building their matrix from its parameters was
-        about forty small operations per iteration (a sixteenth of a 2D one's)."""
+        about forty small operations per iteration (a sixteenth of a 2D one's). Their parameters
+        and buffers are compared with a copy kept beside the matrix, a few operations."""
         wide = torch.float64 if torch.device(device).type != "mps" else torch.float32  # MPS has no float64
-        versions = () if previous is None else tuple((id(p), p._version) for p in (*previous.parameters(),
-                                                                                   *previous.buffers()))
-        key = (id(previous), versions, data.moving_grid, wide, str(device))
+        state = [] if previous is None else [t.detach() for t in (*previous.parameters(), *previous.buffers())]
+        key = (id(previous), data.moving_grid, wide, str(device))
         kept = self._before.get(key)
-        if kept is None or kept[0] is not previous:
+        if (kept is None or kept[0] is not previous or len(kept[1]) != len(state)
+                or not all(torch.equal(a, b) for a, b in zip(kept[1], state))):
             after = torch.as_tensor(data.moving_grid.physical_to_index_matrix(), dtype=wide, device=device)[None]
             if previous is not None:
                 after = after @ previous.homogeneous().detach().to(wide)
             if len(self._before) >= 16:
                 self._before.clear()
             # holds ``previous`` too, so that its id is not reused while kept
-            kept = self._before[key] = (previous, after)
-        return kept[1]
+            kept = self._before[key] = (previous, [t.clone() for t in state], after)
+        return kept[2]
 
     def _components_first(self, points: torch.Tensor) -> torch.Tensor:
         """``points [1, *shape, D]`` as ``[1, D, P]``, kept for the level's few point sets (one per
