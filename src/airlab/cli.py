@@ -73,9 +73,10 @@ def _engine_imports(ctx):
 @click.option("-o", "--output", "outdir", type=click.Path(path_type=Path), required=True, help="Folder for the results.")
 @click.option("--preset", type=click.Choice(PRESETS), default="diffeomorphic",
               show_default=True, help="Pipeline: rigid; affine (rigid, affine); then a deformation after "
-              "them: diffeomorphic (a dense diffeomorphism, the most accurate on real anatomy); smooth (a B-spline "
-              "velocity: smoother, about half the time; the default until 2026-12-07); intersubject (a coarser dense "
-              "diffeomorphism, faster); bspline (a B-spline displacement, not diffeomorphic).")
+              "them: diffeomorphic (a dense diffeomorphism, accurate on real anatomy and on smooth deformations); smooth (a B-spline "
+              "velocity: smoother, 0.4-0.65x the time in 3D; the default until 2026-12-07); intersubject (a dense "
+              "diffeomorphism sampled linearly: faster, less exact on smooth deformations); bspline (a B-spline "
+              "displacement, not diffeomorphic).")
 @click.option("--metric", type=click.Choice(METRICS), default=None,
               help="Similarity of the deformable stage (default: mutual information, which works within and "
               "across contrasts).")
@@ -224,8 +225,8 @@ def batch(ctx, manifest, outroot, fixed, moving_glob, preset, metric, fixed_mask
 @click.option("--iterations", type=click.IntRange(min=1), default=4, show_default=True,
               help="Rounds of register-average-shape update after the initial template.")
 @click.option("--preset", type=click.Choice(PRESETS), default="smooth", show_default=True,
-              help="Pipeline of each image to the template, as for 'airlab register' (smooth: a template in "
-              "half the time of diffeomorphic's).")
+              help="Pipeline of each image to the template, as for 'airlab register' (smooth: a B-spline "
+              "velocity, 0.4-0.65x the time of diffeomorphic's in 3D).")
 @click.option("--metric", type=click.Choice(METRICS), default=None, help="Similarity of the deformable stage.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML pipeline (or an earlier metrics.json), as for 'airlab register'.")

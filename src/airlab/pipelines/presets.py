@@ -1,6 +1,6 @@
 """Ready-made pipelines that work without tuning: ``rigid``, ``affine``, ``bspline``,
 ``diffeomorphic`` (the default: a dense velocity), ``smooth`` (a B-spline velocity) and
-``intersubject`` (a coarser dense velocity), shipped as YAML beside this module (the same schema
+``intersubject`` (a dense velocity sampled linearly, faster), shipped as YAML beside this module (the same schema
 as ``--config``).
 
 Pyramids are sized from the fixed image (the coarsest level has about 25-50 voxels along its

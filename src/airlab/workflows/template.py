@@ -6,7 +6,7 @@ al. 2010), built from the pairwise workflow and the batch runner.
    displacement (the affine-aligned average, centred). With ``initial``, that image is
    iteration 0 instead and its grid is the template's.
 2. Iterations 1..K: every image is registered to the current template with the pipeline given
-   (``smooth`` by default: a B-spline velocity, in half the time of the dense ``diffeomorphic``),
+   (``smooth`` by default: a B-spline velocity, in 0.4-0.65x the time of the dense ``diffeomorphic``),
    through :func:`airlab.workflows.batch.run_pairs` (in this process, in device batches, or on
    Dask). The warped images are averaged, each weighted by
    where it holds data (a streamed :class:`~airlab.groupwise.RunningMean`: one image and one
