@@ -189,3 +189,26 @@ def test_clamp_beyond_the_edges_uses_the_border_cell_and_survives_nan(rng):
     keep = torch.ones(2, 500, dtype=torch.bool)
     keep[1, 7] = False
     assert torch.equal(out_nan.transpose(1, 2)[keep], out.transpose(1, 2)[keep])
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (6, 7, 8)])
+def test_fused_fetches_are_the_fetches_one_by_one(shape, rng, monkeypatch):
+    # the 2**D fetches in one grid_sample call (few points) against one call each (many points)
+    from airlab import splines
+
+    d = len(shape)
+    data = torch.as_tensor(rng.normal(size=(2, 2, *shape)), dtype=torch.float32)
+    index = torch.as_tensor(rng.uniform(-3.0, 12.0, size=(2, 70, d)), dtype=torch.float32)
+
+    def run():
+        c, i = data.clone().requires_grad_(True), index.clone().requires_grad_(True)
+        out = splines._evaluate_fetches(c, i, "mirror")
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        return out.detach(), c.grad, i.grad
+
+    fused = run()
+    monkeypatch.setattr(splines, "_FUSED_FETCHES", 0)
+    one_by_one = run()
+    assert torch.equal(fused[0], one_by_one[0])  # the same products, added in the same order
+    for a, b in zip(fused[1:], one_by_one[1:]):
+        assert torch.allclose(a, b, atol=1e-5)

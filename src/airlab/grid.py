@@ -18,6 +18,7 @@ Point tensors always have their components last (``[..., D]``) in ITK order; ima
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -322,6 +323,13 @@ def grid_sample(data: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zer
     return out.reshape(1, c, *grid.shape[1:-1])
 
 
+@functools.lru_cache(maxsize=64)
+def _normalizing_matrix(size: tuple[int, ...]) -> np.ndarray:
+    """``Grid(size).index_to_normalized_matrix()``, kept per size: a sample at indices needs only
+    the size, and building a Grid (its checks) cost more than the fetch of a coarse level."""
+    return Grid(size).index_to_normalized_matrix()
+
+
 def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "border") -> torch.Tensor:
     """Linear interpolation of ``data [N, C, *S]`` at continuous indices ``index [N, P, D]``.
 
@@ -330,8 +338,7 @@ def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "borde
     Returns ``[N, C, P]``.
     """
     n, p, d = index.shape
-    size = tuple(reversed(data.shape[2:]))
-    norm = Grid(size).index_to_normalized(index)
+    norm = Grid._apply(_normalizing_matrix(tuple(reversed(data.shape[2:]))), index)
     norm = norm.reshape(n, *([1] * (d - 1)), p, d)
     padding = {"border": "border", "mirror": "reflection"}[boundary]
     out = grid_sample(data, norm, padding)

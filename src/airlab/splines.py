@@ -84,6 +84,25 @@ def evaluate(coefficients: torch.Tensor, index: torch.Tensor, boundary: str = "m
     return _evaluate_fetches(coefficients, index, boundary)
 
 
+# Up to this many fetch points (2**D per point) the fetches are one grid_sample call: on a coarse
+# level a call's overhead, not its points, is the cost; beyond it the 2**D position sets of a
+# fine 3D level would take memory that one set at a time does not
+_FUSED_FETCHES = 1 << 18
+
+
+def _corner_choices(d: int, device) -> list[torch.Tensor]:
+    """Per axis, which of its two fetch positions each of the ``2**D`` corners takes (``[2**D]``
+    long each, in ``itertools.product`` order), kept per dimension and device."""
+    key = (d, str(device))
+    if key not in _CORNERS:
+        corners = list(itertools.product((0, 1), repeat=d))
+        _CORNERS[key] = [torch.tensor([k[a] for k in corners], device=device) for a in range(d)]
+    return _CORNERS[key]
+
+
+_CORNERS: dict = {}
+
+
 def _evaluate_fetches(coefficients: torch.Tensor, index: torch.Tensor, boundary: str) -> torch.Tensor:
     """:func:`evaluate` by ``2**D`` linear fetches (any device, differentiable)."""
     if boundary == "mirror" and min(coefficients.shape[2:]) > 2:
@@ -94,9 +113,25 @@ def _evaluate_fetches(coefficients: torch.Tensor, index: torch.Tensor, boundary:
     g0, g1 = w[..., 0] + w[..., 1], w[..., 2] + w[..., 3]
     positions = (floor - 1 + w[..., 1] / g0, floor + 1 + w[..., 3] / g1)
     weights = (g0, g1)
-    d = index.shape[-1]
+    n, p, d = index.shape
+    corners = list(itertools.product((0, 1), repeat=d))
+    if p * len(corners) <= _FUSED_FETCHES:
+        # the same fetches and products, the 2**D position sets side by side in one call
+        pos = torch.stack([positions[0], positions[1]], dim=1)  # [N, 2, P, D]
+        wts = torch.stack([weights[0], weights[1]], dim=1)
+        take = _corner_choices(d, index.device)
+        pos = torch.stack([pos[..., a].index_select(1, take[a]) for a in range(d)], dim=-1)  # [N, 2**D, P, D]
+        weight = wts[..., 0].index_select(1, take[0])
+        for a in range(1, d):
+            weight = weight * wts[..., a].index_select(1, take[a])
+        fetched = sample_index(coefficients, pos.reshape(n, -1, d), boundary).view(n, -1, len(corners), p)
+        terms = weight.unsqueeze(1) * fetched  # [N, C, 2**D, P]
+        out = terms[:, :, 0]
+        for k in range(1, len(corners)):
+            out = out + terms[:, :, k]
+        return out
     out = None
-    for combo in itertools.product((0, 1), repeat=d):
+    for combo in corners:
         pos = torch.stack([positions[k][..., a] for a, k in enumerate(combo)], dim=-1)
         weight = math.prod(weights[k][..., a] for a, k in enumerate(combo))
         term = weight.unsqueeze(1) * sample_index(coefficients, pos, boundary)
