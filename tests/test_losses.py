@@ -525,3 +525,27 @@ def test_modules_match_functions(rng):
     assert LNCC(radius_mm=(0.1, 3.9, 2.1)).voxel_radius(grid) == (1, 2, 2)
     assert "radius_mm=3.0" in repr(module)
     assert "data_range=None, sigma=1.5" in repr(SSIM())
+
+
+def test_mutual_information_module_keeps_its_fixed_side_only_while_the_inputs_are_the_same():
+    # the module keeps the fixed side across calls; the function computes it every time
+    from airlab.losses import MutualInformation, mutual_information
+
+    g = torch.Generator().manual_seed(3)
+    fixed, moving = torch.rand(1, 1, 12, 13, generator=g), torch.rand(1, 1, 12, 13, generator=g)
+    weight = (torch.rand(1, 1, 12, 13, generator=g) > 0.2).float()
+    module = MutualInformation(bins=16)
+
+    def agree():
+        assert torch.equal(module(fixed, moving, weight), mutual_information(fixed, moving, weight, bins=16))
+
+    agree()
+    agree()  # from the kept side
+    weight[0, 0, 3, 4] = 1 - weight[0, 0, 3, 4]  # the moving border crossed a voxel
+    agree()
+    fixed.mul_(2).add_(torch.rand(1, 1, 12, 13, generator=g))  # a new fixed image in the same memory
+    agree()
+    for k in range(12):  # more sublattices than it keeps
+        agree_view = fixed[..., k % 3::3, :], moving[..., k % 3::3, :], weight[..., k % 3::3, :]
+        assert torch.equal(module(*agree_view), mutual_information(*agree_view, bins=16))
+    assert len(module._kept.entries) <= module._kept.size
