@@ -549,3 +549,27 @@ def test_mutual_information_module_keeps_its_fixed_side_only_while_the_inputs_ar
         agree_view = fixed[..., k % 3::3, :], moving[..., k % 3::3, :], weight[..., k % 3::3, :]
         assert torch.equal(module(*agree_view), mutual_information(*agree_view, bins=16))
     assert len(module._kept.entries) <= module._kept.size
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_information_from_a_joint_histogram_has_autograds_gradient(normalized):
+    # the written derivative against autograd through the plain formula, with empty bins
+    g = torch.Generator().manual_seed(5)
+    joint = torch.rand(2, 7, 7, dtype=torch.float64, generator=g) * (torch.rand(2, 7, 7, generator=g) > 0.3)
+    joint[1, 2, :] = 0  # an empty fixed bin: a zero marginal too
+    tiny = torch.finfo(torch.float64).tiny
+
+    def plain(j):
+        p = j / j.sum((1, 2), keepdim=True)
+        h = [-(q * q.clamp_min(tiny).log()).sum(dims) for q, dims in ((p.sum(2), 1), (p.sum(1), 1), (p, (1, 2)))]
+        return (h[0] + h[1]) / h[2] if normalized else h[0] + h[1] - h[2]
+
+    weights = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    a, b = joint.clone().requires_grad_(True), joint.clone().requires_grad_(True)
+    ours, theirs = losses._Information.apply(a, normalized), plain(b)
+    assert torch.equal(ours, theirs)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    full = (joint + 0.05).requires_grad_(True)  # no empty bin: finite differences are defined everywhere
+    assert torch.autograd.gradcheck(lambda j: losses._Information.apply(j, normalized), (full,))

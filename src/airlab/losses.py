@@ -449,17 +449,42 @@ def _mutual_information(fixed, moving, weight, bins: int, normalized: bool, fixe
     first = (base + first_m).flatten()
     acc = torch.float64 if moving.device.type != "mps" else moving.dtype  # MPS has no float64
     joint = _JointHistogram.apply(wf, tm.reshape(-1), first, n * c, bins, acc)
-    p = joint / joint.sum((1, 2), keepdim=True)
-    tiny = torch.finfo(acc).tiny
-
-    def entropy(q, dims):
-        # q log q with q clamped inside the log: empty bins give 0 and a finite gradient (their
-        # Parzen weight and its derivative vanish together, so the gradient is exactly 0).
-        return -(q * torch.log(q.clamp_min(tiny))).sum(dims)
-
-    h_f, h_m, h_joint = entropy(p.sum(2), 1), entropy(p.sum(1), 1), entropy(p, (1, 2))
-    value = (h_f + h_m) / h_joint if normalized else h_f + h_m - h_joint
+    value = _Information.apply(joint, normalized)
     return -value.view(n, c).mean(1).to(moving.dtype)
+
+
+class _Information(torch.autograd.Function):
+    """``joint [H, bins, bins]`` (unnormalised) -> ``MI = H(F) + H(M) - H(F, M)`` or ``NMI = (H(F)
+    + H(M)) / H(F, M)`` per histogram, ``[H]``, with the derivative written out: autograd through
+    the normalisation, the marginals and the three entropies was some thirty small operations,
+    more than the rest of a coarse level's loss. With ``p = joint / S`` and ``l(q) = log q + 1``
+    (``log tiny`` for an empty bin: ``q log q`` is taken with ``q`` clamped inside the log), ``dMI /
+    dp_ij = l(p_ij) - l(p_i.) - l(p_.j)``, and the normalisation turns a gradient ``G`` in ``p``
+    into ``(G - sum(G p)) / S`` in ``joint``."""
+
+    @staticmethod
+    def forward(ctx, joint, normalized):
+        tiny = torch.finfo(joint.dtype).tiny
+        total = joint.sum((1, 2), keepdim=True)
+        p = joint / total
+        parts = (p.sum(2), p.sum(1), p)
+        logs = [q.clamp_min(tiny).log() for q in parts]
+        h_f, h_m, h_joint = (-(q * lq).sum(tuple(range(1, q.dim()))) for q, lq in zip(parts, logs))
+        ctx.save_for_backward(total, *parts, *logs, h_f + h_m, h_joint)
+        ctx.normalized, ctx.tiny = normalized, tiny
+        return (h_f + h_m) / h_joint if normalized else h_f + h_m - h_joint
+
+    @staticmethod
+    def backward(ctx, grad):
+        total, pf, pm, p, log_f, log_m, log_joint, marginal, h_joint = ctx.saved_tensors
+        # l(q) = d(q log q)/dq: log q + 1, or log tiny where q is below the clamp (no gradient through it)
+        l_f, l_m, l_joint = (lq + (q >= ctx.tiny) for q, lq in ((pf, log_f), (pm, log_m), (p, log_joint)))
+        d_marginal = -(l_f.unsqueeze(2) + l_m.unsqueeze(1))  # d(H(F) + H(M)) / dp
+        if ctx.normalized:
+            g = (d_marginal + l_joint * (marginal / h_joint).view(-1, 1, 1)) * (grad / h_joint).view(-1, 1, 1)
+        else:
+            g = (d_marginal + l_joint) * grad.view(-1, 1, 1)
+        return (g - (g * p).sum((1, 2), keepdim=True)) / total, None
 
 
 def nmi(fixed, moving, weight=None, *, bins=32, fixed_range=None, moving_range=None) -> torch.Tensor:
