@@ -98,14 +98,17 @@ class Grid:
         return np.reshape(self.direction, (self.ndim, self.ndim))
 
     # The axis checks, one home (issue 12): fast paths that skip a rotation or a matmul ask here.
-    @property
+    # An engine iteration asks them several times of the same few grids, and each numpy check
+    # cost tens of microseconds, a coarse level's fetch: computed once per grid (or pair), as a
+    # frozen Grid allows.
+    @functools.cached_property
     def orthonormal(self) -> bool:
         """Is the direction a rotation or reflection (to 1e-6)? All scanner images: then norms of
         derivatives need no rotation to world axes."""
         m = self.direction_matrix
         return bool(np.allclose(m @ m.T, np.eye(self.ndim), atol=1e-6))
 
-    @property
+    @functools.cached_property
     def axis_aligned(self) -> bool:
         """Is the direction a signed permutation? Then world axes are grid axes up to order and sign."""
         m = np.abs(self.direction_matrix)
@@ -115,6 +118,7 @@ class Grid:
         """Homogeneous matrix from this grid's continuous index to ``other``'s."""
         return other.physical_to_index_matrix() @ self.index_to_physical_matrix()
 
+    @functools.lru_cache(maxsize=256)
     def aligned_with(self, other: "Grid", atol: float = 1e-9) -> bool:
         """Does each axis of this grid run along the same axis of ``other`` (any spacing, origin
         and sign)? Then resampling between them is separable: one small matrix per axis."""
@@ -153,6 +157,7 @@ class Grid:
         """Physical length along each grid axis, from first to last voxel centre."""
         return (np.asarray(self.size) - 1) * np.asarray(self.spacing)
 
+    @functools.lru_cache(maxsize=256)
     def same_as(self, other: "Grid", atol: float = 1e-6) -> bool:
         return (
             self.size == other.size
