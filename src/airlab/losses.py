@@ -314,12 +314,13 @@ class _JointHistogram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, wf, tm, first, histograms: int, bins: int, acc: torch.dtype):
-        ctx.save_for_backward(wf, tm, first)
         ctx.histograms, ctx.bins = histograms, bins
         ctx.compiled = acc == torch.float64 and compiled.can_histogram(wf, tm)
         if ctx.compiled:
+            ctx.save_for_backward(wf, tm, first, None)
             return compiled.parzen_joint(wf, tm, first, histograms, bins)
         wm = cubic_weights(tm, dim=0)
+        ctx.save_for_backward(wf, tm, first, wm)  # wm for the backward pass: kept, not computed again
         lattice = histograms * (bins - 3) ** 2
         rows = torch.zeros(16, lattice, dtype=acc, device=wm.device)
         for lo in range(0, first.shape[0], _HISTOGRAM_SLICE):
@@ -331,12 +332,11 @@ class _JointHistogram(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        wf, tm, first = ctx.saved_tensors
+        wf, tm, first, wm = ctx.saved_tensors
         h, bins = ctx.histograms, ctx.bins
         if ctx.compiled:
             grads = compiled.parzen_joint_grad(wf, tm, first, bins, grad, *ctx.needs_input_grad[:2])
             return *grads, None, None, None, None
-        wm = cubic_weights(tm, dim=0) if ctx.needs_input_grad[0] else None
         # unfold is fold's adjoint: dL/d(row of offset (a, b)) at each first bin
         blocks = F.unfold(grad.reshape(h, 1, bins, bins).to(tm.dtype), kernel_size=4)  # [h, 16, first bins]
         rows = blocks.transpose(0, 1).reshape(16, -1)
