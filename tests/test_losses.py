@@ -543,6 +543,8 @@ def test_mutual_information_module_keeps_its_fixed_side_only_while_the_inputs_ar
     agree()  # from the kept side
     weight[0, 0, 3, 4] = 1 - weight[0, 0, 3, 4]  # the moving border crossed a voxel
     agree()
+    weight.view(-1)[(fixed * weight).argmax()] = 0  # and uncovered the brightest: a new bin range
+    agree()
     fixed.mul_(2).add_(torch.rand(1, 1, 12, 13, generator=g))  # a new fixed image in the same memory
     agree()
     for k in range(12):  # more sublattices than it keeps

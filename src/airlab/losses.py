@@ -255,15 +255,11 @@ def _local_moments(f: torch.Tensor, m: torch.Tensor, weight, windows):
 
 
 # --------------------------------------------------------------------------- mutual information
-def _bin_coordinates(x: torch.Tensor, weight, bins: int, value_range) -> torch.Tensor:
-    """Continuous bin coordinates ``u`` in ``[1, bins - 2]`` for ``x [N, C, V]``.
-
-    ``[min, max]`` (over voxels of positive weight, per batch element and channel, or the given
-    range) maps linearly onto ``[1, bins - 2]``: the cubic B-spline centred at ``u`` then touches
-    bins ``floor(u) - 1 .. floor(u) + 2``, all inside ``[0, bins - 1]``, so no mass is lost at the
-    ends. Values outside a given range are clamped into the end bins (no gradient there).
-    """
-    with torch.no_grad():  # the range is a binning choice, not something to optimise
+def _bin_range(x: torch.Tensor, weight, bins: int, value_range) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, scale)``, each ``[N, C, 1]`` (or scalars for a given range), of
+    :func:`_bin_coordinates`: ``u = 1 + (x - lo) * scale``. Without gradient: the range is a
+    binning choice, not something to optimise."""
+    with torch.no_grad():
         if value_range is None:
             xd = x.detach()
             if weight is None:
@@ -277,6 +273,18 @@ def _bin_coordinates(x: torch.Tensor, weight, bins: int, value_range) -> torch.T
         width = hi - lo
         # a constant image puts everything in one place (and has zero entropy contribution)
         scale = torch.where(width > 0, (bins - 3) / width, torch.zeros_like(width))
+    return lo, scale
+
+
+def _bin_coordinates(x: torch.Tensor, weight, bins: int, value_range) -> torch.Tensor:
+    """Continuous bin coordinates ``u`` in ``[1, bins - 2]`` for ``x [N, C, V]``.
+
+    ``[min, max]`` (over voxels of positive weight, per batch element and channel, or the given
+    range) maps linearly onto ``[1, bins - 2]``: the cubic B-spline centred at ``u`` then touches
+    bins ``floor(u) - 1 .. floor(u) + 2``, all inside ``[0, bins - 1]``, so no mass is lost at the
+    ends. Values outside a given range are clamped into the end bins (no gradient there).
+    """
+    lo, scale = _bin_range(x, weight, bins, value_range)
     return (1 + (x - lo) * scale).clamp(1, bins - 2)
 
 
@@ -392,39 +400,49 @@ def mutual_information(
                                _validate_range(moving_range, "moving_range"), None)
 
 
-def _fixed_side(f: torch.Tensor, w: torch.Tensor | None, bins: int, value_range) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed image's part of the joint histogram's input: for each voxel of ``f [N, C, V]``
-    the flat index of its first touched (histogram, fixed bin) pair, to which the moving bin is
-    added, ``[N, C, V]``, and its four Parzen weights times the voxel weight, ``[4, N * C * V]``."""
+def _fixed_parzen(f: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each voxel of ``f [N, C, V]`` binned by ``(lo, scale)`` (:func:`_bin_range`): the flat
+    index of its first touched (histogram, fixed bin) pair, to which the moving bin is added
+    (``[N, C, V]``, int32), and its four Parzen weights, ``[4, N, C, V]``."""
     n, c = f.shape[:2]
-    first_f, tf = _parzen(_bin_coordinates(f, w, bins, value_range), bins)
-    wf = cubic_weights(tf, dim=0)
+    first_f, tf = _parzen((1 + (f - lo) * scale).clamp(1, bins - 2), bins)
+    histogram = torch.arange(n * c, device=f.device).view(n, c, 1)
+    return ((histogram * (bins - 3) + first_f) * (bins - 3)).int(), cubic_weights(tf, dim=0)
+
+
+def _fixed_side(f: torch.Tensor, w: torch.Tensor | None, bins: int, value_range,
+                kept: "_KeptFixedSide | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed image's part of the joint histogram's input: :func:`_fixed_parzen` (from
+    ``kept`` where it holds it), with the Parzen weights times the voxel weights as
+    ``[4, N * C * V]``."""
+    n, c = f.shape[:2]
+    lo, scale = _bin_range(f, w, bins, value_range)
+    base, wf = kept.get(f, lo, scale, bins) if kept is not None else _fixed_parzen(f, lo, scale, bins)
     if w is not None:
         wf = wf * w
-    histogram = torch.arange(n * c, device=f.device).view(n, c, 1)
-    return (histogram * (bins - 3) + first_f) * (bins - 3), wf.expand(4, n, c, -1).reshape(4, -1)
+    return base, wf.expand(4, n, c, -1).reshape(4, -1)
 
 
 class _KeptFixedSide:
-    """The fixed side of mutual information (:func:`_fixed_side`) for the last few (fixed,
-    weight) pairs a module saw: a registration evaluates the same fixed voxels (a level's, or
-    one of its few sublattices) again and again, with a weight that changes only when the
-    moving image's border crosses them, and the fixed side was about a third of the loss's
-    operations. An entry is used while both inputs equal its kept copies, so a change in place
-    is seen."""
+    """:func:`_fixed_parzen` for the last few fixed images and bin ranges a module saw: a
+    registration evaluates the same fixed voxels (a level's, or one of its few sublattices)
+    again and again, and their bin range changes only when the moving image's border uncovers
+    the brightest or the darkest of them (the voxel weight, which changes whenever that border
+    crosses a voxel, is applied afterwards). The fixed side was about a third of the loss's
+    operations. An entry is used while the image equals its kept copy, so a change in place is
+    seen."""
 
     size = 8  # a strided 3D level's sublattices
 
     def __init__(self):
         self.entries: list[tuple] = []
 
-    def get(self, f: torch.Tensor, w: torch.Tensor | None, bins: int, value_range):
-        for kf, kw, key, side in self.entries:
-            if key == (bins, value_range) and _equal(kf, f) and _equal(kw, w):
+    def get(self, f: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bins: int):
+        for kf, klo, kscale, kbins, side in self.entries:
+            if kbins == bins and _equal(kf, f) and _equal(klo, lo) and _equal(kscale, scale):
                 return side
-        side = _fixed_side(f, w, bins, value_range)
-        entry = (f.clone(), None if w is None else w.clone(), (bins, value_range), side)
-        self.entries = [entry, *self.entries[: self.size - 1]]
+        side = _fixed_parzen(f, lo, scale, bins)
+        self.entries = [(f.clone(), lo, scale, bins, side), *self.entries[: self.size - 1]]
         return side
 
 
@@ -441,10 +459,9 @@ def _mutual_information(fixed, moving, weight, bins: int, normalized: bool, fixe
     f, m = fixed.flatten(2), moving.flatten(2)  # [N, C, V]
     w = weight.flatten(2) if weight is not None else None  # [Nw, 1, V]
 
-    if kept is not None and not f.requires_grad and not (w is not None and w.requires_grad):
-        base, wf = kept.get(f, w, bins, fixed_range)
-    else:
-        base, wf = _fixed_side(f, w, bins, fixed_range)
+    if f.requires_grad or (w is not None and w.requires_grad):
+        kept = None
+    base, wf = _fixed_side(f, w, bins, fixed_range, kept)
     first_m, tm = _parzen(_bin_coordinates(m, w, bins, moving_range), bins)
     first = (base + first_m).flatten()
     acc = torch.float64 if moving.device.type != "mps" else moving.dtype  # MPS has no float64
