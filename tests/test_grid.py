@@ -39,17 +39,21 @@ def test_split_and_single_call_give_the_same_numbers(d, parts, padding, rng):
 
 
 def test_cpu_split_policy(rng):
-    """A split only for one image on CPU with at least 1024 points per thread; the default asks
-    torch for the thread count, and that is the only hidden input."""
+    """A split only for one image on CPU with at least 1024 points per thread in 3D, 8192 in 2D;
+    the default asks torch for the thread count, and that is the only hidden input."""
+    volume = torch.zeros(1, 1, 4, 4, 4, dtype=torch.float64)
+    points = _points(rng, 3, 4096)
+    assert cpu_split(volume, points, threads=4) == 4
+    assert cpu_split(volume, points, threads=5) == 1  # 819 points a thread: not worth it
+    assert cpu_split(volume, points, threads=1) == 1
+    assert cpu_split(volume.expand(2, -1, -1, -1, -1), points.expand(2, -1, -1, -1, -1), threads=4) == 1  # a batch runs in parallel
+    assert cpu_split(volume, points) == cpu_split(volume, points, threads=torch.get_num_threads())
     one = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
-    grid = _points(rng, 2, 4096)
-    assert cpu_split(one, grid, threads=4) == 4
-    assert cpu_split(one, grid, threads=5) == 1  # 819 points a thread: not worth it
-    assert cpu_split(one, grid, threads=1) == 1
-    assert cpu_split(one.expand(2, 1, 4, 4), grid.expand(2, -1, -1, -1), threads=4) == 1  # a batch runs in parallel
-    assert cpu_split(one, grid) == cpu_split(one, grid, threads=torch.get_num_threads())
+    assert cpu_split(one, _points(rng, 2, 4096), threads=4) == 1  # 1024 points a thread: not in 2D
+    assert cpu_split(one, _points(rng, 2, 32768), threads=4) == 4
+    assert cpu_split(one, _points(rng, 2, 32768), threads=5) == 1
     if torch.cuda.is_available():
-        assert cpu_split(one.cuda(), grid.cuda(), threads=4) == 1
+        assert cpu_split(volume.cuda(), points.cuda(), threads=4) == 1
 
 
 def test_grid_sample_rejects_a_bad_split(rng):

@@ -54,6 +54,8 @@ def convolution_matrix(kernel: torch.Tensor, n: int, padding: str = "replicate")
 
 
 def _along(data: torch.Tensor, matrix: torch.Tensor, axis: int) -> torch.Tensor:
+    if axis % data.dim() == data.dim() - 1:  # the last axis: the same product, without the moves
+        return (data.reshape(-1, data.shape[-1]) @ matrix.T).view(*data.shape[:-1], matrix.shape[0])
     moved = torch.movedim(data, axis, -1)
     # one flat matrix product: matmul would otherwise batch many tiny products over the moved
     # (non-contiguous) axes, several times slower on CPU, forward and backward
