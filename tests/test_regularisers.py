@@ -364,3 +364,20 @@ def test_shared_derivatives_differentiate_a_field_once(rng, monkeypatch):
     torch.testing.assert_close(shared_grad, alone_grad, rtol=1e-12, atol=1e-12)
     terms(u)
     assert len(calls) == 4 and regularisers._shared.get() is None
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_an_inactive_folding_penalty_is_a_constant_zero(d, rng):
+    # nothing below the threshold: the penalty is zeros outside the graph, and a sum with it has
+    # the other terms' gradient exactly; one voxel below it and the penalty is differentiated again
+    grid = _grid(d, rng)
+    smooth = smooth_field(grid, rng, batch=2, magnitude=0.5).requires_grad_(True)
+    penalty = folding_penalty(smooth, grid, threshold=0.1)
+    assert not penalty.requires_grad and torch.equal(penalty, torch.zeros(2, dtype=smooth.dtype))
+    (diffusion(smooth, grid) + penalty).sum().backward()
+    alone = smooth.detach().clone().requires_grad_(True)
+    diffusion(alone, grid).sum().backward()
+    assert torch.equal(smooth.grad, alone.grad)
+    lowest = float(jacobian_determinant(smooth.detach(), grid).min())
+    active = folding_penalty(smooth, grid, threshold=lowest + 1e-6)
+    assert active.requires_grad and float(active.detach().sum()) > 0

@@ -86,3 +86,16 @@ def test_a_non_finite_objective_is_reported_at_the_check(pair):
 def test_check_every_must_be_positive():
     with pytest.raises(ValueError, match="check_every"):
         Registration([Stage(lambda g, n: Affine(2, n), losses=[(1.0, MSE())])], check_every=0)
+
+
+def test_a_level_whose_objective_is_a_constant_runs_and_moves_nothing(pair):
+    # a folding penalty alone, with nothing folded: a constant zero, with no gradient to follow
+    from airlab.regularisers import JacobianFolding
+    from airlab.transforms import DenseVelocityField
+
+    fixed, moving, _ = pair
+    stage = Stage(lambda g, n: DenseVelocityField(g, n), losses=[], regularisers=[(1.0, JacobianFolding())],
+                  levels=[Level(iterations=3)], optimizer="field-adam")
+    result = Registration([stage], progress=False).run(fixed, moving)
+    assert result.history[0]["objective"] == [0.0, 0.0, 0.0]
+    assert torch.equal(fields(result, fixed.grid), torch.zeros_like(fields(result, fixed.grid)))

@@ -281,6 +281,10 @@ def folding_penalty(displacement: torch.Tensor, grid: Grid, threshold: float = 0
     keeps the optimiser away from the fold rather than stopping it on the edge.
     """
     det = jacobian_determinant(displacement, grid)
+    if det.device.type == "cpu" and not bool((det < threshold).any()):
+        # nothing below the threshold: the value and its gradient are zeros, and a constant zero
+        # spares the backward pass the determinant's branch (a GPU would wait on the test instead)
+        return det.new_zeros(det.shape[0])
     return _MeanSquare.apply(F.relu(threshold - det).unsqueeze(1))
 
 

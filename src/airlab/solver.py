@@ -173,7 +173,8 @@ def solve_level(objective: Objective, t: Transform, previous: Transform | None, 
                 # kept until the check, detached: the graph (and what autograd functions keep on
                 # their context) must not live into the next iteration
                 evaluated["e"] = dataclasses.replace(e, total=e.total.detach())
-                loss.backward()
+                if loss.requires_grad:  # else every term is a constant here (an inactive folding penalty alone)
+                    loss.backward()
                 return loss
 
             try:
