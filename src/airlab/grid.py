@@ -176,16 +176,7 @@ class Grid:
     # ----------------------------------------------------------------- conversions
     @staticmethod
     def _apply(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-        if points.shape[-1] != matrix.shape[0] - 1:
-            raise ValueError(
-                f"points have {points.shape[-1]} components, the grid is {matrix.shape[0] - 1}D"
-            )
-        dtype = points.dtype if points.is_floating_point() else torch.get_default_dtype()
-        diagonal, shift, linear = _affine_tensors(matrix, dtype, points.device)
-        if diagonal:
-            # axis-aligned (every index <-> normalised map, most images): 5x faster than a matmul
-            return torch.addcmul(shift, points.to(dtype), linear)
-        return points.to(dtype) @ linear + shift
+        return _apply_matrix(matrix, points)
 
     def index_to_physical(self, index: torch.Tensor) -> torch.Tensor:
         return self._apply(self.index_to_physical_matrix(), index)
@@ -252,6 +243,18 @@ class Grid:
 
 
 _AFFINE_TENSORS: dict = {}
+
+
+def _apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """The homogeneous ``matrix`` applied to ``points [..., D]``."""
+    if points.shape[-1] != matrix.shape[0] - 1:
+        raise ValueError(f"points have {points.shape[-1]} components, the grid is {matrix.shape[0] - 1}D")
+    dtype = points.dtype if points.is_floating_point() else torch.get_default_dtype()
+    diagonal, shift, linear = _affine_tensors(matrix, dtype, points.device)
+    if diagonal:
+        # axis-aligned (every index <-> normalised map, most images): 5x faster than a matmul
+        return torch.addcmul(shift, points.to(dtype), linear)
+    return points.to(dtype) @ linear + shift
 
 
 def _affine_tensors(matrix: np.ndarray, dtype: torch.dtype, device) -> tuple[bool, torch.Tensor, torch.Tensor]:
@@ -345,7 +348,7 @@ def sample_index(data: torch.Tensor, index: torch.Tensor, boundary: str = "borde
     Returns ``[N, C, P]``.
     """
     n, p, d = index.shape
-    norm = Grid._apply(_normalizing_matrix(tuple(reversed(data.shape[2:]))), index)
+    norm = _apply_matrix(_normalizing_matrix(tuple(reversed(data.shape[2:]))), index)
     norm = norm.reshape(n, *([1] * (d - 1)), p, d)
     padding = {"border": "border", "mirror": "reflection"}[boundary]
     out = grid_sample(data, norm, padding)
