@@ -424,25 +424,38 @@ def _fixed_side(f: torch.Tensor, w: torch.Tensor | None, bins: int, value_range,
 
 
 class _KeptFixedSide:
-    """:func:`_fixed_parzen` for the last few fixed images and bin ranges a module saw: a
-    registration evaluates the same fixed voxels (a level's, or one of its few sublattices)
-    again and again, and their bin range changes only when the moving image's border uncovers
-    the brightest or the darkest of them (the voxel weight, which changes whenever that border
-    crosses a voxel, is applied afterwards). The fixed side was about a third of the loss's
-    operations. An entry is used while the image equals its kept copy, so a change in place is
-    seen."""
+    """:func:`_fixed_parzen` for the last few fixed images a module saw, each with its latest bin
+    range: a registration evaluates the same fixed voxels (a level's, or one of its few
+    sublattices) again and again, and their bin range changes only when the moving image's
+    border uncovers the brightest or the darkest of them (the voxel weight, which changes
+    whenever that border crosses a voxel, is applied afterwards). The fixed side was about a
+    third of the loss's operations. An entry is used while the image equals its kept copy, so a
+    change in place is seen. A new range replaces the image's entry rather than adding one.
+
+    Only images of up to ``voxels`` voxels (per batch element and channel) are kept, so that
+    the entries stay under some 50 MB: the saving is the per-operation overhead of a small
+    level, which a large one does not feel, and an entry of a 1 mm brain's full-resolution level
+    is some 200 MB (docs/architecture.md, "The step's small operations, continued")."""
 
     size = 8  # a strided 3D level's sublattices
+    voxels = 1 << 18  # a 512 x 512 slice; a strided 2 mm brain's sublattice has 141 600
 
     def __init__(self):
         self.entries: list[tuple] = []
 
     def get(self, f: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor, bins: int):
-        for kf, klo, kscale, kbins, side in self.entries:
-            if kbins == bins and _equal(kf, f) and _equal(klo, lo) and _equal(kscale, scale):
-                return side
+        if f.shape[-1] > self.voxels:
+            return _fixed_parzen(f, lo, scale, bins)
+        copy = None
+        for i, entry in enumerate(self.entries):
+            if entry[3] == bins and _equal(entry[0], f):
+                if _equal(entry[1], lo) and _equal(entry[2], scale):
+                    return entry[4]
+                copy = self.entries.pop(i)[0]  # the same image in a new range: the old side goes first
+                break
+        entry = None  # not kept alive while the new side is computed
         side = _fixed_parzen(f, lo, scale, bins)
-        self.entries = [(f.clone(), lo, scale, bins, side), *self.entries[: self.size - 1]]
+        self.entries = [(f.clone() if copy is None else copy, lo, scale, bins, side), *self.entries[: self.size - 1]]
         return side
 
 
