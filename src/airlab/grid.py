@@ -296,10 +296,11 @@ def cpu_split(data: torch.Tensor, grid: torch.Tensor, threads: int | None = None
     one thread. A single image is therefore expanded (a view, no copy) over one batch element per
     thread, each sampling its share of the points: measured on 2 threads, 141k points of a 2 mm
     brain, forward and backward 20.9 -> 8.9 ms. Below 1024 points a thread (3D; 8192 in 2D, where
-    a point's four taps cost less) the split costs more than it saves (``benchmarks/split_threshold.py``,
-    forward and backward on 2 threads: 2D 4800 points 66 us in one part, 118 us in two; 16 384
-    points 141 and 150, about even; 37 000 points 282 and 220; 3D 1200 points 113 and 130, 2048
-    points 172 and 161), and batches or GPUs are parallel already: 1 (no split). ``threads`` defaults to ``torch.get_num_threads()``.
+    a point's four taps cost less) the split costs more than it saves
+    (``benchmarks/split_threshold.py``, forward and backward on 2 threads: 2D 4800 points 66 us
+    in one part, 118 us in two; 16 384 points 141 and 150, about even; 37 000 points 282 and
+    220; 3D 1200 points 113 and 130, 2048 points 172 and 161), and batches or GPUs are parallel
+    already: 1 (no split). ``threads`` defaults to ``torch.get_num_threads()``.
     """
     threads = torch.get_num_threads() if threads is None else threads
     points = math.prod(grid.shape[1:-1])  # from the shape: indexing would cost tensor operations
